@@ -1,0 +1,138 @@
+"""The tuner layer every method shares: wraps a frozen nn.Linear and adds `compute_delta(x)` to its output.
+
+A method subclasses `MoeLoraLayer` and writes only its math:
+
+- `adapter_layer_names`: names of the per-adapter `nn.ParameterDict`s holding its trainable tensors
+  (PEFT selects, saves and freezes adapter state structurally through these dicts);
+- `create_parameters(config)`: the initialised tensors, one per name;
+- `compute_delta(x, adapter_name)`: the update for a 2-D input [tokens, d_in] already in the adapter dtype;
+- optionally `auxiliary_losses(adapter_name)` (weighted terms added to the training loss) and
+  `get_delta_weight(adapter_name)` (only for updates that do not depend on the input, which can merge).
+
+The base layer handles inputs of any rank, dtypes (fp32 adapter weights, result cast back to the base
+dtype), several adapters, disabling, merging and router statistics.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+
+from .config import MoeLoraConfig
+from .routing import RoutingRecorder
+
+
+class MoeLoraLayer(nn.Module, BaseTunerLayer):
+    adapter_layer_names: tuple[str, ...] = ()
+    other_param_names: tuple[str, ...] = ("adapter_config",)
+    #: Why `merge` is impossible for this method; methods with an input-independent update override
+    #: `get_delta_weight` instead.
+    merge_unsupported_reason = "its update depends on the input through routers"
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: MoeLoraConfig) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.adapter_config: dict[str, MoeLoraConfig] = {}
+        for name in self.adapter_layer_names:
+            setattr(self, name, nn.ParameterDict())
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self._active_adapter = adapter_name
+        self.routing = RoutingRecorder()
+        linear = self.get_base_layer()
+        self.in_features: int = linear.in_features
+        self.out_features: int = linear.out_features
+        self.update_layer(adapter_name, config)
+
+    # --- what a method implements -------------------------------------------------------------------------
+
+    def create_parameters(self, config: MoeLoraConfig) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def compute_delta(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def auxiliary_losses(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """Weighted auxiliary loss terms of this layer, summed into the training loss by the tuner."""
+        return {}
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        raise ValueError(
+            f"{type(self).__name__} cannot be merged into the base weights: {self.merge_unsupported_reason}"
+        )
+
+    # --- shared machinery ---------------------------------------------------------------------------------
+
+    def update_layer(self, adapter_name: str, config: MoeLoraConfig) -> None:
+        self.adapter_config[adapter_name] = config
+        for name, tensor in self.create_parameters(config).items():
+            getattr(self, name)[adapter_name] = nn.Parameter(tensor)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def new_tensor(self, *shape: int) -> torch.Tensor:
+        """An uninitialised fp32 tensor on the base layer's device (the meta device included)."""
+        return torch.empty(shape, dtype=torch.float32, device=self.get_base_layer().weight.device)
+
+    def linear_init(self, *shape: int, fan_in: int) -> torch.Tensor:
+        """nn.Linear's default init, kaiming_uniform_(a=sqrt(5)) = U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+
+        Written with an explicit fan_in because stacked experts [E, out, in] would give torch's
+        fan-in computation the wrong value.
+        """
+        bound = 1.0 / math.sqrt(fan_in)
+        return self.new_tensor(*shape).uniform_(-bound, bound)
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
+        """Follow the base layer's device but keep adapter weights in fp32 (the master weights)."""
+        target = device if device is not None else self.get_base_layer().weight.device
+        for name in self.adapter_layer_names:
+            params = getattr(self, name)
+            if adapter_name in params and params[adapter_name].device != target:
+                if params[adapter_name].device.type == "meta":
+                    continue
+                params[adapter_name] = params[adapter_name].to(target)
+
+    def adapter_params(self, adapter_name: str) -> list[torch.Tensor]:
+        return [getattr(self, name)[adapter_name] for name in self.adapter_layer_names]
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return result
+        for adapter_name in self.active_adapters:
+            if adapter_name not in self.adapter_config:
+                continue
+            adapter_dtype = getattr(self, self.adapter_layer_names[0])[adapter_name].dtype
+            flat = self._cast_input_dtype(x, adapter_dtype).reshape(-1, x.shape[-1])
+            delta = self.compute_delta(flat, adapter_name)
+            result = result + delta.reshape(*x.shape[:-1], delta.shape[-1]).to(result.dtype)
+        return result
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        weight = self.get_base_layer().weight
+        for adapter_name in check_adapters_to_merge(self, adapter_names):
+            if adapter_name not in self.adapter_config:
+                continue
+            delta = self.get_delta_weight(adapter_name).to(weight.dtype)
+            if safe_merge and not torch.isfinite(weight.data + delta).all():
+                raise ValueError(f"merging adapter {adapter_name!r} would produce non-finite weights")
+            weight.data += delta
+            self.merged_adapters.append(adapter_name)
+
+    def unmerge(self) -> None:
+        weight = self.get_base_layer().weight
+        while self.merged_adapters:
+            adapter_name = self.merged_adapters.pop()
+            weight.data -= self.get_delta_weight(adapter_name).to(weight.dtype)
+
+    def __repr__(self) -> str:
+        return f"moelora.{super().__repr__()}"

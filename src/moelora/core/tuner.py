@@ -1,0 +1,204 @@
+"""The tuner model every method shares: target resolution and checks, injection, auxiliary losses in the
+forward pass, router statistics and strict checkpoint loading.
+
+A method's tuner is a two-line subclass naming its `prefix` and `tuner_layer_cls`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from torch import nn
+
+from ..peft_compat import adapter_state_dict, check_target_module_exists
+from .config import MoeLoraConfig
+from .layer import MoeLoraLayer
+
+#: The D2MoRA paper adapts the attention q/k/v projections; these decoders name them alike.
+_QKV = ["q_proj", "k_proj", "v_proj"]
+DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
+    model_type: _QKV
+    for model_type in (
+        "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2",
+        "gemma3_text", "olmo", "olmo2", "olmoe", "granite", "smollm3", "deepseek_v2", "phimoe", "starcoder2",
+    )
+}  # fmt: skip
+
+
+class CheckpointMismatchError(ValueError):
+    """An adapter checkpoint does not fit the model it is loaded into."""
+
+
+def _linear_layer_names(model: nn.Module) -> list[str]:
+    """The distinct last name components of the model's nn.Linear layers, for error messages."""
+    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, nn.Linear)})
+
+
+def resolve_default_targets(model: nn.Module) -> list[str]:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in DEFAULT_TARGET_MODULES:
+        return list(DEFAULT_TARGET_MODULES[model_type])
+    if set(_QKV) <= set(_linear_layer_names(model)):
+        return list(_QKV)
+    raise ValueError(
+        f"target_modules is not set and model type {model_type!r} has no default; pick from the model's "
+        f"linear layers: {', '.join(_linear_layer_names(model))}"
+    )
+
+
+def check_targets(model: nn.Module, config: MoeLoraConfig) -> None:
+    """Fail before anything is injected: no match, a non-Linear match, or a rank a module cannot hold."""
+    matched = []
+    for name, module in model.named_modules():
+        if not name or isinstance(module, BaseTunerLayer) or ".base_layer" in name:
+            continue
+        hit = check_target_module_exists(config, name)
+        if not hit:  # no match, or an _ExcludedModule (falsy)
+            continue
+        if not isinstance(module, nn.Linear):
+            raise ValueError(
+                f"{type(config).__name__}.target_modules matches {name!r}, a {type(module).__name__}; "
+                "only nn.Linear layers can be adapted"
+            )
+        config.check_module_shape(name, module.in_features, module.out_features)
+        matched.append(name)
+    if not matched:
+        targets = config.target_modules
+        shown = sorted(targets) if isinstance(targets, set) else targets
+        raise ValueError(
+            f"{type(config).__name__}.target_modules={shown!r} matches no module of the model; "
+            f"its linear layers are: {', '.join(_linear_layer_names(model))}"
+        )
+
+
+class MoeLoraTuner(BaseTuner):
+    prefix: str
+    tuner_layer_cls: type[MoeLoraLayer]
+    target_module_mapping = DEFAULT_TARGET_MODULES
+
+    def __init__(self, model: nn.Module, peft_config: Any, adapter_name: str, **kwargs: Any) -> None:
+        super().__init__(model, peft_config, adapter_name, **kwargs)
+        #: Add the layers' auxiliary losses to `outputs.loss` when labels are given; set False to add
+        #: them yourself (`auxiliary_losses()`).
+        self.add_auxiliary_losses_to_loss = True
+        #: Detached values of the auxiliary terms of the last forward with labels, for logging.
+        self.last_auxiliary_losses: dict[str, float] = {}
+        self.model.register_forward_hook(self._add_auxiliary_losses, with_kwargs=True)
+
+    # --- injection ----------------------------------------------------------------------------------------
+
+    def _pre_injection_hook(self, model: nn.Module, config: MoeLoraConfig, adapter_name: str) -> None:
+        if config.target_modules is None:
+            config.target_modules = set(resolve_default_targets(model))
+        check_targets(model, config)
+
+    def _create_and_replace(
+        self,
+        config: MoeLoraConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **kwargs: Any,
+    ) -> None:
+        if isinstance(target, self.tuner_layer_cls):
+            target.update_layer(adapter_name, config)
+            return
+        if isinstance(target, BaseTunerLayer):
+            raise ValueError(f"{current_key!r} is already adapted by {type(target).__name__}")
+        new_module = self.tuner_layer_cls(target, adapter_name, config)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    def _adapter_layers(self) -> list[tuple[str, MoeLoraLayer]]:
+        return [(name, m) for name, m in self.model.named_modules() if isinstance(m, MoeLoraLayer)]
+
+    # --- auxiliary losses ---------------------------------------------------------------------------------
+
+    def auxiliary_losses(self) -> dict[str, torch.Tensor]:
+        """Each auxiliary term summed over all adapted layers and active adapters (already weighted)."""
+        totals: dict[str, torch.Tensor] = {}
+        for _, layer in self._adapter_layers():
+            if layer.disable_adapters:
+                continue
+            for adapter_name in layer.active_adapters:
+                if adapter_name not in layer.adapter_config:
+                    continue
+                for term, value in layer.auxiliary_losses(adapter_name).items():
+                    totals[term] = totals[term] + value if term in totals else value
+        return totals
+
+    def _add_auxiliary_losses(self, module: nn.Module, args: tuple, kwargs: dict, outputs: Any) -> Any:
+        """Forward hook on the wrapped model: adds the auxiliary terms to `outputs.loss` when labels are given.
+
+        A hook rather than an override of `forward`, because `PeftModel` without a task type calls the
+        wrapped model directly and would bypass the tuner's forward.
+        """
+        loss = getattr(outputs, "loss", None)
+        if kwargs.get("labels") is None or loss is None or not self.add_auxiliary_losses_to_loss:
+            return outputs
+        terms = self.auxiliary_losses()
+        if terms:
+            outputs.loss = loss + sum(value.to(loss.dtype) for value in terms.values())
+            self.last_auxiliary_losses = {term: float(value.detach()) for term, value in terms.items()}
+        return outputs
+
+    # --- router statistics --------------------------------------------------------------------------------
+
+    def record_routing(self, enabled: bool = True) -> None:
+        """Start (or stop) accumulating router statistics in every layer; free while off."""
+        for _, layer in self._adapter_layers():
+            layer.routing.enabled = enabled
+
+    def reset_routing_statistics(self) -> None:
+        for _, layer in self._adapter_layers():
+            layer.routing.reset()
+
+    def routing_statistics(self) -> dict[str, dict[str, dict[str, object]]]:
+        """{module name: {adapter/router: {mean_prob, entropy, tokens}}} since the last reset."""
+        return {
+            name: {key: stats.as_dict() for key, stats in layer.routing.stats.items()}
+            for name, layer in self._adapter_layers()
+            if layer.routing.stats
+        }
+
+    # --- checkpoints --------------------------------------------------------------------------------------
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(
+        cls, model: nn.Module, config: MoeLoraConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """PEFT loads adapters with strict=False and only warns on missing keys, which can silently leave
+        experts at their init (the official D2MoRA loader's bug); refuse any missing, extra or misshapen key."""
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        expected = adapter_state_dict(model, adapter_name)
+        prefix = "base_model.model."
+
+        def checkpoint_key(key: str) -> str:
+            return cls._remove_adapter_name_from_key(key, adapter_name).removeprefix(prefix)
+
+        missing = sorted(checkpoint_key(k) for k in expected.keys() - remapped.keys())
+        unexpected = sorted(k.removeprefix(prefix) for k in remapped.keys() - expected.keys())
+        problems = []
+        if missing:
+            problems.append(f"missing key(s) {missing[:5]}" + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+        if unexpected:
+            problems.append(
+                f"unexpected key(s) {unexpected[:5]}" + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else "")
+            )
+        for key in sorted(expected.keys() & remapped.keys()):
+            if expected[key].shape != remapped[key].shape:
+                problems.append(
+                    f"shape mismatch for {checkpoint_key(key)}: checkpoint {tuple(remapped[key].shape)}, "
+                    f"model {tuple(expected[key].shape)}"
+                )
+        if problems:
+            raise CheckpointMismatchError(
+                f"adapter checkpoint does not match the {config.peft_type} model ({adapter_name!r}): "
+                + "; ".join(problems)
+            )
+        return remapped
