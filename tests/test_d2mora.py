@@ -81,8 +81,11 @@ def test_shared_dropout_mask_option_uses_one_mask(monkeypatch):
     recorded = []
     original = torch.nn.functional.dropout
     monkeypatch.setattr(
-        torch.nn.functional, "dropout", lambda i, p=0.5, training=True, inplace=False: recorded.append(
-            original(i, p, training, inplace)) or recorded[-1]
+        torch.nn.functional,
+        "dropout",
+        lambda i, p=0.5, training=True, inplace=False: (
+            recorded.append(original(i, p, training, inplace)) or recorded[-1]
+        ),
     )
     got = layer(x)
     (dropped,) = recorded
@@ -112,7 +115,7 @@ def test_single_expert_d2mora_equals_our_lora_and_peft_lora(model_factory, token
     theirs = get_peft_model(model_factory(), peft.LoraConfig(**common))
     torch.manual_seed(3)
     with torch.no_grad():
-        for (name, d2_layer), ours_layer, theirs_layer in zip(
+        for (_name, d2_layer), ours_layer, theirs_layer in zip(
             [(n, m) for n, m in d2.named_modules() if isinstance(m, D2MoRALinear)],
             [m for m in ours.modules() if type(m).__name__ == "LoraLinear"],
             [m for m in theirs.modules() if isinstance(m, peft.tuners.lora.LoraLayer)],

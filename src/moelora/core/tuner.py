@@ -185,10 +185,13 @@ class MoeLoraTuner(BaseTuner):
         unexpected = sorted(k.removeprefix(prefix) for k in remapped.keys() - expected.keys())
         problems = []
         if missing:
-            problems.append(f"missing key(s) {missing[:5]}" + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+            problems.append(
+                f"missing key(s) {missing[:5]}" + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            )
         if unexpected:
             problems.append(
-                f"unexpected key(s) {unexpected[:5]}" + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else "")
+                f"unexpected key(s) {unexpected[:5]}"
+                + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else "")
             )
         for key in sorted(expected.keys() & remapped.keys()):
             if expected[key].shape != remapped[key].shape:

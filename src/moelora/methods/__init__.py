@@ -30,9 +30,7 @@ METHODS: dict[str, Method] = {
 }
 
 for _method in METHODS.values():
-    register_peft_method(
-        _method.config_cls.PEFT_TYPE, _method.config_cls, _method.tuner_cls, _method.tuner_cls.prefix
-    )
+    register_peft_method(_method.config_cls.PEFT_TYPE, _method.config_cls, _method.tuner_cls, _method.tuner_cls.prefix)
 
 
 def get_method(name: str) -> Method:
