@@ -42,3 +42,47 @@ def model_factory():
 def token_batch():
     generator = torch.Generator().manual_seed(1)
     return torch.randint(0, 96, (2, 9), generator=generator)
+
+
+def train_tiny_tokenizer(vocab_size: int = 400):
+    """A byte-level BPE tokenizer trained in memory on the bundled sample (no downloads)."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from moelora.data import bundled_train_sources
+
+    texts = []
+    for path in bundled_train_sources().values():
+        texts += [r["instruction"] + " " + r["output"] for r in json.loads(path.read_text())[:50]]
+    texts.append("Below is an instruction that describes a task. Write a response that appropriately completes")
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    core.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>", padding_side="left"
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random Llama and its tokenizer saved as a local model folder (loads like any HF model)."""
+    tokenizer = train_tiny_tokenizer()
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    model = tiny_llama(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

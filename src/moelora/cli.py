@@ -1,0 +1,199 @@
+"""`moelora` command line: train, eval, quickstart."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from .methods import METHODS
+
+_EPILOG = "methods:\n" + "\n".join(f"  {m.name:<10} {m.summary}" for m in METHODS.values())
+
+#: Quickstart: D2MoRA {M3, N8, r8} on the bundled commonsense sample, sized to finish in minutes on 2 CPU cores.
+QUICKSTART_OVERRIDES = [
+    "method=d2mora",
+    "adapter={r: 8, lora_alpha: 16, num_down_experts: 3, num_up_experts: 8}",
+    "data.val_size=0",
+    "data.cutoff_len=256",
+    "training.output_dir=runs/quickstart",
+    "training.max_steps=60",
+    "training.learning_rate=1e-3",
+    "training.warmup_steps=5",
+    "training.global_batch_size=8",
+    "training.micro_batch_size=8",
+    "training.save_steps=30",
+    "training.logging_steps=10",
+    "evaluation.evaluate_base_model=true",
+    "evaluation.max_items=60",
+    "evaluation.generate_max_items=10",
+]
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser, config_required: bool) -> None:
+    parser.add_argument("config", nargs=None if config_required else "?", help="YAML run config")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. training.learning_rate=1e-4")
+    parser.add_argument("--resume", action="store_true", help="continue the run in training.output_dir")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing run in training.output_dir")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moelora",
+        description="Fine-tune causal LMs with Mixture-of-Experts LoRA methods and evaluate them.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser(
+        "train", help="fine-tune (then evaluate if evaluation.test_files is set)", epilog=_EPILOG
+    )
+    _add_run_arguments(train, config_required=True)
+    quick = commands.add_parser(
+        "quickstart",
+        help="D2MoRA on the default model and the bundled sample; base vs tuned table",
+        epilog=_EPILOG,
+    )
+    quick.add_argument("overrides", nargs="*", help="section.key=value overrides of the quickstart settings")
+    evaluate = commands.add_parser("eval", help="evaluate a base model or a saved adapter")
+    evaluate.add_argument("--model", default=None, help="base model: 'smollm2-135m', a hub id or a local folder")
+    evaluate.add_argument("--adapter", default=None, help="adapter folder saved by `moelora train`")
+    evaluate.add_argument(
+        "--test", action="append", default=[], metavar="TASK=PATH", help="test file (repeatable); default: bundled"
+    )
+    evaluate.add_argument("--protocol", action="append", choices=["likelihood", "generate"], default=None)
+    evaluate.add_argument("--max-items", type=int, default=None)
+    evaluate.add_argument("--batch-size", type=int, default=8)
+    evaluate.add_argument("--greedy", action="store_true", help="greedy decoding instead of beam 4")
+    evaluate.add_argument("--output-dir", default=None)
+    return parser
+
+
+def _test_files(specs: list[str]) -> dict[str, str]:
+    from .data import bundled_test_files
+
+    if not specs:
+        return {task: str(path) for task, path in bundled_test_files().items()}
+    files = {}
+    for spec in specs:
+        task, sep, path = spec.partition("=")
+        if not sep:
+            raise ValueError(f"--test {spec!r}: expected TASK=PATH")
+        files[task] = path
+    return files
+
+
+def run_evaluations(config, model, tokenizer, output_dir: Path, label: str, trainable: int | None):
+    """Evaluate with every configured protocol; returns the result objects."""
+    from .evaluation import evaluate
+
+    results = []
+    for protocol in config.evaluation.protocols:
+        max_items = config.evaluation.max_items
+        if protocol == "generate" and config.evaluation.generate_max_items is not None:
+            max_items = config.evaluation.generate_max_items
+        results.append(
+            evaluate(
+                model,
+                tokenizer,
+                config.evaluation.test_files,
+                protocol=protocol,
+                batch_size=config.evaluation.batch_size,
+                max_items=max_items,
+                num_beams=config.evaluation.num_beams,
+                max_new_tokens=config.evaluation.max_new_tokens,
+                output_dir=output_dir / f"eval_{label}",
+                metadata={"label": label, "model": config.model, "method": label, "trainable_parameters": trainable},
+            )
+        )
+    return results
+
+
+def command_train(config, resume: bool, overwrite: bool) -> int:
+    from .evaluation import results_to_markdown
+    from .models import load_model_and_tokenizer
+    from .training import train
+
+    started = time.perf_counter()
+    model, tokenizer = load_model_and_tokenizer(config.model)
+    result = train(config, model, tokenizer, resume=resume, overwrite=overwrite)
+    metrics = result.metrics
+    print(
+        f"trained {config.method} in {metrics['train_runtime']:.0f}s: {metrics['tokens_seen']:,} tokens, "
+        f"{metrics['train_tokens_per_second']:.0f} tokens/s, final train loss {metrics.get('train_loss', float('nan')):.4f}"
+    )
+    if not config.evaluation.test_files:
+        return 0
+    rows = []
+    result.model.eval()
+    if config.evaluation.evaluate_base_model:
+        with result.model.disable_adapter():
+            rows += run_evaluations(config, result.model, tokenizer, result.output_dir, "base", 0)
+    rows += run_evaluations(
+        config, result.model, tokenizer, result.output_dir, config.method, metrics["trainable_parameters"]
+    )
+    table = results_to_markdown(rows)
+    (result.output_dir / "results.md").write_text(table + "\n")
+    print(table)
+    print(f"total wall time {time.perf_counter() - started:.0f}s; results in {result.output_dir}")
+    return 0
+
+
+def command_eval(args) -> int:
+    from peft import PeftConfig, PeftModel
+
+    from .evaluation import evaluate, results_to_markdown
+    from .models import DEFAULT_MODEL, load_model_and_tokenizer
+
+    model_name = args.model
+    if model_name is None and args.adapter:
+        model_name = PeftConfig.from_pretrained(args.adapter).base_model_name_or_path
+    model, tokenizer = load_model_and_tokenizer(model_name or DEFAULT_MODEL)
+    label, trainable = "base", 0
+    if args.adapter:
+        model = PeftModel.from_pretrained(model, args.adapter)
+        label, trainable = model.peft_config["default"].peft_type, model.get_nb_trainable_parameters()[0]
+    model.eval()
+    results = [
+        evaluate(
+            model,
+            tokenizer,
+            _test_files(args.test),
+            protocol=protocol,
+            batch_size=args.batch_size,
+            max_items=args.max_items,
+            num_beams=1 if args.greedy else 4,
+            output_dir=Path(args.output_dir) if args.output_dir else None,
+            metadata={"label": label, "model": model_name, "method": label, "trainable_parameters": trainable},
+        )
+        for protocol in args.protocol or ["likelihood"]
+    ]
+    print(results_to_markdown(results))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .config import load_config
+
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "eval":
+            return command_eval(args)
+        if args.command == "quickstart":
+            from .data import bundled_train_sources
+
+            train_files = [f"{task}={path}" for task, path in bundled_train_sources().items()]
+            test_files = _test_files([])
+            base = QUICKSTART_OVERRIDES + [f"data.train_files={train_files!r}", f"evaluation.test_files={test_files!r}"]
+            config = load_config(None, base + args.overrides)
+            return command_train(config, resume=False, overwrite=True)
+        config = load_config(args.config, args.overrides)
+        return command_train(config, resume=args.resume, overwrite=args.overwrite)
+    except (ValueError, RuntimeError, FileNotFoundError) as error:
+        print(f"moelora: error: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""Run configuration: YAML files with `section.key=value` command-line overrides.
+
+A run config has five parts: `model`, `method` and `adapter` (the fields of the method's PEFT config),
+`data`, `training` and `evaluation`. Unknown keys are errors that name the key, so a typo never runs with
+a silent default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class DataConfig:
+    train_files: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Training files as 'task=path' (or plain paths); several files mix into one multi-task set."},
+    )
+    max_records_per_task: int | None = field(default=None, metadata={"help": "Cap on records drawn per task."})
+    val_size: int = field(default=2000, metadata={"help": "Records held out for validation (D2MoRA: 2000)."})
+    cutoff_len: int = field(default=256, metadata={"help": "Maximum tokens per training example."})
+    train_on_inputs: bool = field(default=True, metadata={"help": "Loss on the prompt too (the papers' default)."})
+    template: str = field(default="d2mora", metadata={"help": "Training template: d2mora | llm_adapters."})
+
+
+@dataclass
+class TrainingConfig:
+    output_dir: str = "runs/d2mora"
+    seed: int = 42
+    num_epochs: float = 4.0
+    max_steps: int = field(default=-1, metadata={"help": "Stop after this many optimizer steps (-1: use epochs)."})
+    learning_rate: float = 3e-4
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    global_batch_size: int = 16
+    micro_batch_size: int = 4
+    eval_steps: int = 200
+    save_steps: int = 200
+    save_total_limit: int = 3
+    load_best_model_at_end: bool = field(
+        default=True, metadata={"help": "Keep the lowest-validation-loss checkpoint, as the official recipe does."}
+    )
+    precision: str = field(default="fp32", metadata={"help": "fp32 | bf16 | fp16 (mixed precision autocast)."})
+    gradient_checkpointing: bool = False
+    logging_steps: int = 10
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    dataloader_num_workers: int = 0
+
+
+@dataclass
+class EvaluationConfig:
+    test_files: dict[str, str] = field(default_factory=dict, metadata={"help": "task -> test file."})
+    protocols: list[str] = field(default_factory=lambda: ["likelihood", "generate"])
+    max_items: int | None = field(default=None, metadata={"help": "Evaluate only the first N items of each task."})
+    generate_max_items: int | None = field(
+        default=None, metadata={"help": "A separate, smaller cap for the (slower) generation protocol."}
+    )
+    batch_size: int = 8
+    num_beams: int = 4
+    max_new_tokens: int = 32
+    evaluate_base_model: bool = field(default=False, metadata={"help": "Also evaluate the base model, side by side."})
+
+
+@dataclass
+class RunConfig:
+    model: str = "smollm2-135m"
+    method: str = "d2mora"
+    adapter: dict[str, Any] = field(default_factory=dict)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def save(self, path: Path) -> None:
+        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+_SECTIONS = {"data": DataConfig, "training": TrainingConfig, "evaluation": EvaluationConfig}
+
+
+def _build_section(cls: type, values: dict[str, Any], where: str) -> Any:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
+    return cls(**values)
+
+
+def config_from_dict(values: dict[str, Any], where: str = "config") -> RunConfig:
+    values = dict(values)
+    sections = {}
+    for name, cls in _SECTIONS.items():
+        section = values.pop(name, None) or {}
+        if not isinstance(section, dict):
+            raise ValueError(f"{where}: '{name}' must be a mapping, got {type(section).__name__}")
+        sections[name] = _build_section(cls, section, f"{where}: {name}")
+    config = _build_section(RunConfig, values, where)
+    for name, section in sections.items():
+        setattr(config, name, section)
+    if not isinstance(config.adapter, dict):
+        raise ValueError(f"{where}: 'adapter' must be a mapping of the method's config fields")
+    return config
+
+
+def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b=value` overrides; values parse as YAML scalars/lists (`lr=1e-3`, `files=[a,b]`)."""
+    values = dict(values)
+    for override in overrides:
+        key, sep, raw = override.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {override!r} is not of the form key=value")
+        node = values
+        *parents, leaf = key.split(".")
+        for part in parents:
+            child = node.get(part)
+            node[part] = child = dict(child) if isinstance(child, dict) else {}
+            node = child
+        node[leaf] = yaml.safe_load(raw) if raw else ""
+    return values
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"config file {path} does not exist")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ValueError(f"{path}: invalid YAML: {error}") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: top level must be a mapping")
+    return config_from_dict(apply_overrides(values, overrides or []), where=str(path or "overrides"))

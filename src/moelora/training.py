@@ -1,0 +1,265 @@
+"""Fine-tuning on the HF Trainer: the official D2MoRA recipe by default, any moelora method or PEFT config.
+
+Runs unchanged under `accelerate launch` / `torchrun` (DDP, FSDP, DeepSpeed come from the Trainer). What
+this module adds to a plain Trainer run:
+
+- seeding before the adapter is built (the official code leaves the adapter init unseeded);
+- an output-directory guard: never train over another run unless asked, resume only a matching run;
+- auxiliary losses and router statistics in the logs (TensorBoard by default);
+- a non-finite-loss guard that stops before a bad step reaches the weights and names the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import PartialState
+from peft import PeftModel, get_peft_model
+from transformers import (
+    DataCollatorForSeq2Seq,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    set_seed,
+)
+from transformers.trainer_utils import get_last_checkpoint
+
+from .config import RunConfig, config_from_dict, load_config
+from .core.tuner import MoeLoraTuner
+from .data import build_datasets, load_mixture, parse_sources
+from .methods import get_method
+
+RUN_CONFIG_NAME = "moelora_run.yaml"
+#: Fields that must match for `--resume` to continue a run rather than silently start a different one.
+_RESUME_MUST_MATCH = ("model", "method", "adapter", "data")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+def build_adapter_config(method_name: str, fields: dict[str, Any]):
+    method = get_method(method_name)
+    try:
+        return method.config_cls(task_type="CAUSAL_LM", **fields)
+    except TypeError as error:
+        raise ValueError(f"adapter: {error} (method {method_name!r}, config {method.config_cls.__name__})") from None
+
+
+def build_peft_model(model: PreTrainedModel, config: RunConfig) -> PeftModel:
+    """Seed, then inject the adapter, so its initialisation is reproducible."""
+    set_seed(config.training.seed)
+    return get_peft_model(model, build_adapter_config(config.method, config.adapter))
+
+
+def prepare_output_dir(config: RunConfig, *, resume: bool, overwrite: bool) -> str | None:
+    """Check the output directory; returns the checkpoint to resume from, if any."""
+    output_dir = Path(config.training.output_dir)
+    saved = output_dir / RUN_CONFIG_NAME
+    if resume:
+        if not saved.is_file():
+            raise ValueError(f"--resume: {output_dir} holds no moelora run ({RUN_CONFIG_NAME} missing)")
+        previous = load_config(saved).to_dict()
+        current = config.to_dict()
+        for key in _RESUME_MUST_MATCH:
+            if previous[key] != current[key]:
+                raise ValueError(
+                    f"--resume: {output_dir} was trained with a different '{key}' "
+                    f"({previous[key]!r}, now {current[key]!r}); resume with the same config or pick a new output_dir"
+                )
+        checkpoint = get_last_checkpoint(str(output_dir))
+        if checkpoint is None:
+            raise ValueError(f"--resume: {output_dir} has no checkpoint-* folder to resume from")
+        return checkpoint
+    if output_dir.exists() and any(output_dir.iterdir()):
+        if not overwrite:
+            raise ValueError(
+                f"{output_dir} already holds files (another run?); pass --overwrite to replace it, "
+                "--resume to continue it, or choose another training.output_dir"
+            )
+        if not saved.is_file():
+            raise ValueError(f"--overwrite: refusing to delete {output_dir}, which is not a moelora run folder")
+        shutil.rmtree(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    config.save(saved)
+    return None
+
+
+def _tuner(model: PeftModel) -> MoeLoraTuner | None:
+    tuner = model.base_model
+    return tuner if isinstance(tuner, MoeLoraTuner) else None
+
+
+class MoeLoraCallback(TrainerCallback):
+    """Adds auxiliary losses and router statistics to the logs, counts tokens, and guards the loss.
+
+    Router statistics are recorded only during the step before each log, so the cost is paid once per
+    `logging_steps`.
+    """
+
+    def __init__(self, model: PeftModel) -> None:
+        self.tuner = _tuner(model)
+        self.trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        self.step = 0
+        self.tokens_seen = 0
+        model.get_base_model().register_forward_hook(self._check_loss, with_kwargs=True)
+
+    def _check_loss(self, module: torch.nn.Module, args: tuple, kwargs: dict, outputs: Any) -> None:
+        if not module.training:
+            return
+        mask = kwargs.get("attention_mask")
+        if mask is not None:
+            self.tokens_seen += int(mask.sum())
+        loss = getattr(outputs, "loss", None)
+        if loss is not None and not torch.isfinite(loss.detach()).all():
+            raise NonFiniteLossError(f"training loss became {float(loss.detach())} at optimizer step {self.step + 1}")
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.step = state.global_step
+        if self.tuner is not None and args.logging_steps > 0:
+            self.tuner.record_routing((state.global_step + 1) % args.logging_steps == 0)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        """Runs before the Trainer may save this step, so non-finite weights never reach a checkpoint."""
+        for name, param in self.trainable:
+            if not torch.isfinite(param.detach()).all():
+                raise NonFiniteLossError(
+                    f"adapter weight {name} became non-finite at optimizer step {state.global_step}"
+                )
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.tuner is None or logs is None or "loss" not in logs:
+            return
+        added = {f"aux_{term}": value for term, value in self.tuner.last_auxiliary_losses.items()}
+        by_router: dict[str, list[float]] = {}
+        for per_module in self.tuner.routing_statistics().values():
+            for key, stats in per_module.items():
+                by_router.setdefault(key.rsplit("/", 1)[-1], []).append(stats["entropy"])
+        for router, entropies in by_router.items():
+            added[f"routing_{router}_entropy"] = sum(entropies) / len(entropies)
+        logs.update(added)
+        if state.log_history:  # the Trainer stored a copy of the logs before calling the callbacks
+            state.log_history[-1].update(added)
+        self.tuner.reset_routing_statistics()
+        self.tuner.record_routing(False)
+
+
+@dataclass
+class TrainResult:
+    model: PeftModel
+    output_dir: Path
+    metrics: dict[str, float]
+
+
+def training_arguments(config: RunConfig, has_validation: bool) -> TrainingArguments:
+    t = config.training
+    world = PartialState().num_processes
+    if t.global_batch_size % (t.micro_batch_size * world):
+        raise ValueError(
+            f"training.global_batch_size={t.global_batch_size} is not divisible by "
+            f"micro_batch_size={t.micro_batch_size} x {world} process(es)"
+        )
+    if t.precision not in ("fp32", "bf16", "fp16"):
+        raise ValueError(f"training.precision must be fp32, bf16 or fp16, got {t.precision!r}")
+    return TrainingArguments(
+        output_dir=t.output_dir,
+        per_device_train_batch_size=t.micro_batch_size,
+        per_device_eval_batch_size=t.micro_batch_size,
+        gradient_accumulation_steps=t.global_batch_size // (t.micro_batch_size * world),
+        num_train_epochs=t.num_epochs,
+        max_steps=t.max_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type="linear",
+        warmup_steps=t.warmup_steps,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim="adamw_torch",
+        eval_strategy="steps" if has_validation else "no",
+        eval_steps=t.eval_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        load_best_model_at_end=t.load_best_model_at_end and has_validation,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+        logging_steps=t.logging_steps,
+        report_to=t.report_to,
+        seed=t.seed,
+        data_seed=t.seed,
+        bf16=t.precision == "bf16",
+        fp16=t.precision == "fp16",
+        gradient_checkpointing=t.gradient_checkpointing,
+        dataloader_num_workers=t.dataloader_num_workers,
+        ddp_find_unused_parameters=False,
+        use_cpu=not torch.cuda.is_available(),
+    )
+
+
+def train(
+    config: RunConfig,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    callbacks: list[TrainerCallback] | None = None,
+) -> TrainResult:
+    """Fine-tune `model` with the configured method; the final adapter is saved in `training.output_dir`."""
+    config = config_from_dict(config.to_dict())  # validate a config built in Python like one read from YAML
+    checkpoint = prepare_output_dir(config, resume=resume, overwrite=overwrite)
+    sources = parse_sources(config.data.train_files)
+    cap = config.data.max_records_per_task
+    if cap is not None:
+        sources = [replace(s, max_records=cap if s.max_records is None else s.max_records) for s in sources]
+    records = load_mixture(sources, seed=config.training.seed)
+    train_set, val_set = build_datasets(
+        records,
+        tokenizer,
+        cutoff_len=config.data.cutoff_len,
+        train_on_inputs=config.data.train_on_inputs,
+        val_size=config.data.val_size,
+        seed=config.training.seed,
+        template=config.data.template,
+    )
+    peft_model = build_peft_model(model, config)
+    if config.training.gradient_checkpointing:
+        peft_model.enable_input_require_grads()
+    monitor = MoeLoraCallback(peft_model)
+    trainer = Trainer(
+        model=peft_model,
+        args=training_arguments(config, has_validation=val_set is not None),
+        train_dataset=train_set,
+        eval_dataset=val_set,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, label_pad_token_id=-100),
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+    # First, so the values it adds to the logs reach the reporting callbacks (TensorBoard) after it.
+    trainer.callback_handler.callbacks.insert(0, monitor)
+    # The official recipe (transformers 4.36) averages the loss per micro-batch and divides by the
+    # accumulation steps; the auxiliary losses are per micro-batch too. Token-count normalisation across
+    # micro-batches would otherwise count those terms once per micro-batch.
+    trainer.model_accepts_loss_kwargs = False
+    try:
+        output = trainer.train(resume_from_checkpoint=checkpoint)
+    except NonFiniteLossError as error:
+        last = get_last_checkpoint(config.training.output_dir)
+        kept = f"the last good checkpoint is {last}" if last else "no checkpoint had been saved yet"
+        raise NonFiniteLossError(f"{error}; training stopped, {kept}") from None
+    trainer.save_model(config.training.output_dir)
+    metrics = dict(output.metrics)
+    metrics["tokens_seen"] = monitor.tokens_seen
+    runtime = metrics.get("train_runtime") or math.nan
+    metrics["train_tokens_per_second"] = monitor.tokens_seen / runtime if runtime else math.nan
+    metrics["trainable_parameters"] = peft_model.get_nb_trainable_parameters()[0]
+    if trainer.is_world_process_zero():
+        (Path(config.training.output_dir) / "train_metrics.json").write_text(json.dumps(metrics, indent=2))
+    return TrainResult(peft_model, Path(config.training.output_dir), metrics)

@@ -1,0 +1,178 @@
+"""The training pipeline on a tiny random Llama and the bundled sample: outputs, guards, resume, NaN, seeds."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+
+from moelora.config import load_config
+from moelora.data import bundled_train_sources
+from moelora.training import NonFiniteLossError, train
+
+
+def make_config(output_dir, **training):
+    train_files = [f"{task}={path}" for task, path in bundled_train_sources(include_approx=False).items()]
+    settings = dict(
+        output_dir=str(output_dir),
+        max_steps=4,
+        warmup_steps=1,
+        global_batch_size=8,
+        micro_batch_size=4,
+        eval_steps=2,
+        save_steps=2,
+        logging_steps=1,
+        learning_rate=1e-2,
+        report_to=["tensorboard"],
+    )
+    settings.update(training)
+    overrides = [
+        f"training.{key}={value!r}" if isinstance(value, str) else f"training.{key}={value}"
+        for key, value in settings.items()
+    ]
+    return load_config(
+        None,
+        [
+            "method=d2mora",
+            "adapter={r: 4, lora_alpha: 8, num_down_experts: 2, num_up_experts: 3}",
+            f"data.train_files={train_files}",
+            "data.max_records_per_task=8",
+            "data.val_size=8",
+            "data.cutoff_len=128",
+            *overrides,
+        ],
+    )
+
+
+def load(tiny_model_dir):
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir), AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def test_train_writes_a_loadable_adapter_and_logs(tmp_path, tiny_model_dir):
+    result = train(make_config(tmp_path / "run"), *load(tiny_model_dir))
+    out = result.output_dir
+    assert (out / "adapter_model.safetensors").is_file() and (out / "adapter_config.json").is_file()
+    assert (out / "moelora_run.yaml").is_file()
+    metrics = json.loads((out / "train_metrics.json").read_text())
+    assert metrics["tokens_seen"] > 0 and metrics["train_tokens_per_second"] > 0
+    assert metrics["trainable_parameters"] == result.model.get_nb_trainable_parameters()[0]
+    state = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
+    logged = [entry for entry in state["log_history"] if "loss" in entry]
+    assert len(logged) == 4
+    assert all(entry["aux_orthogonality"] > 0 for entry in logged)
+    assert all(0 <= entry["routing_router_A_entropy"] <= torch.log(torch.tensor(2.0)) + 1e-6 for entry in logged)
+    assert any(p.name.startswith("events.out.tfevents") for p in out.rglob("*")), "TensorBoard logs expected"
+    assert any("eval_loss" in entry for entry in state["log_history"])
+    # the saved adapter is the trained one, and reloads to the same outputs
+    batch = torch.randint(0, 100, (2, 12))
+    result.model.eval()
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), out).eval()
+    assert torch.equal(reloaded(input_ids=batch).logits, result.model(input_ids=batch).logits)
+    weights = load_file(out / "adapter_model.safetensors")
+    assert any(key.endswith("d2mora_B") and value.abs().sum() > 0 for key, value in weights.items())
+
+
+def test_same_seed_gives_identical_adapters(tmp_path, tiny_model_dir):
+    first = train(make_config(tmp_path / "a", max_steps=2), *load(tiny_model_dir))
+    second = train(make_config(tmp_path / "b", max_steps=2), *load(tiny_model_dir))
+    a = load_file(first.output_dir / "adapter_model.safetensors")
+    b = load_file(second.output_dir / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_refuses_to_train_over_another_run(tmp_path, tiny_model_dir):
+    config = make_config(tmp_path / "run", max_steps=1)
+    train(config, *load(tiny_model_dir))
+    before = (tmp_path / "run" / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(ValueError, match=r"already holds files.*--overwrite"):
+        train(config, *load(tiny_model_dir))
+    assert (tmp_path / "run" / "adapter_model.safetensors").read_bytes() == before
+    train(config, *load(tiny_model_dir), overwrite=True)
+
+
+def test_overwrite_never_deletes_a_folder_that_is_not_a_run(tmp_path, tiny_model_dir):
+    precious = tmp_path / "mine"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="not a moelora run"):
+        train(make_config(precious), *load(tiny_model_dir), overwrite=True)
+    assert (precious / "notes.txt").read_text() == "keep me"
+
+
+def test_resume_continues_a_run(tmp_path, tiny_model_dir):
+    train(make_config(tmp_path / "run", max_steps=2), *load(tiny_model_dir))
+    result = train(make_config(tmp_path / "run", max_steps=4), *load(tiny_model_dir), resume=True)
+    assert result.metrics["tokens_seen"] > 0
+    state = json.loads((tmp_path / "run" / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["global_step"] == 4
+
+
+def test_resume_refuses_another_method_or_config(tmp_path, tiny_model_dir):
+    train(make_config(tmp_path / "run", max_steps=2), *load(tiny_model_dir))
+    other = make_config(tmp_path / "run", max_steps=4)
+    other.adapter["r"] = 8
+    with pytest.raises(ValueError, match=r"different 'adapter'"):
+        train(other, *load(tiny_model_dir), resume=True)
+    other = make_config(tmp_path / "run", max_steps=4)
+    other.method = "lora"
+    with pytest.raises(ValueError, match=r"different 'method'"):
+        train(other, *load(tiny_model_dir), resume=True)
+
+
+def test_resume_without_a_run_is_an_error(tmp_path, tiny_model_dir):
+    with pytest.raises(ValueError, match="holds no moelora run"):
+        train(make_config(tmp_path / "nothing"), *load(tiny_model_dir), resume=True)
+
+
+class PoisonWeightsBefore(TrainerCallback):
+    """Sets one adapter weight to NaN at the start of the given optimizer step: its loss becomes NaN."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if state.global_step + 1 == self.step:
+            with torch.no_grad():
+                next(p for n, p in model.named_parameters() if "d2mora_B" in n).fill_(float("nan"))
+
+
+class PoisonGradientsAt(TrainerCallback):
+    """Makes the gradients of the given optimizer step NaN: the loss is finite, the update is not."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if state.global_step + 1 == self.step:
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.grad.fill_(float("nan"))
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_model_dir):
+    config = make_config(tmp_path / "run", max_steps=6, eval_steps=100, load_best_model_at_end=False)
+    with pytest.raises(NonFiniteLossError, match=r"loss became nan at optimizer step 3.*checkpoint-2"):
+        train(config, *load(tiny_model_dir), callbacks=[PoisonWeightsBefore(step=3)])
+    weights = load_file(tmp_path / "run" / "checkpoint-2" / "adapter_model.safetensors")
+    assert all(torch.isfinite(value).all() for value in weights.values())
+    assert not (tmp_path / "run" / "checkpoint-4").exists()
+
+
+def test_nan_update_is_caught_before_it_is_saved(tmp_path, tiny_model_dir):
+    config = make_config(tmp_path / "run", max_steps=6, save_steps=1, eval_steps=100, load_best_model_at_end=False)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite at optimizer step 2.*checkpoint-1"):
+        train(config, *load(tiny_model_dir), callbacks=[PoisonGradientsAt(step=2)])
+    assert not (tmp_path / "run" / "checkpoint-2").exists()
+    weights = load_file(tmp_path / "run" / "checkpoint-1" / "adapter_model.safetensors")
+    assert all(torch.isfinite(value).all() for value in weights.values())
+
+
+def test_unknown_adapter_field_names_it(tmp_path, tiny_model_dir):
+    config = make_config(tmp_path / "run")
+    config.adapter["num_experts_typo"] = 3
+    with pytest.raises(ValueError, match="num_experts_typo"):
+        train(config, *load(tiny_model_dir))
