@@ -61,9 +61,15 @@ def build_peft_model(model: PreTrainedModel, config: RunConfig) -> PeftModel:
 
 
 def prepare_output_dir(config: RunConfig, *, resume: bool, overwrite: bool) -> str | None:
-    """Check the output directory; returns the checkpoint to resume from, if any."""
+    """Check the output directory, then (main process only) claim it; returns the checkpoint to resume from.
+
+    Every process runs the read-only checks before any process writes, so under DDP all ranks reach the same
+    verdict and none waits at a barrier for a rank that failed.
+    """
     output_dir = Path(config.training.output_dir)
     saved = output_dir / RUN_CONFIG_NAME
+    checkpoint = None
+    replace_existing = False
     if resume:
         if not saved.is_file():
             raise ValueError(f"--resume: {output_dir} holds no moelora run ({RUN_CONFIG_NAME} missing)")
@@ -78,8 +84,7 @@ def prepare_output_dir(config: RunConfig, *, resume: bool, overwrite: bool) -> s
         checkpoint = get_last_checkpoint(str(output_dir))
         if checkpoint is None:
             raise ValueError(f"--resume: {output_dir} has no checkpoint-* folder to resume from")
-        return checkpoint
-    if output_dir.exists() and any(output_dir.iterdir()):
+    elif output_dir.exists() and any(output_dir.iterdir()):
         if not overwrite:
             raise ValueError(
                 f"{output_dir} already holds files (another run?); pass --overwrite to replace it, "
@@ -87,10 +92,16 @@ def prepare_output_dir(config: RunConfig, *, resume: bool, overwrite: bool) -> s
             )
         if not saved.is_file():
             raise ValueError(f"--overwrite: refusing to delete {output_dir}, which is not a moelora run folder")
-        shutil.rmtree(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    config.save(saved)
-    return None
+        replace_existing = True
+    state = PartialState()
+    state.wait_for_everyone()
+    if state.is_main_process and not resume:
+        if replace_existing:
+            shutil.rmtree(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        config.save(saved)
+    state.wait_for_everyone()
+    return checkpoint
 
 
 def _tuner(model: PeftModel) -> MoeLoraTuner | None:

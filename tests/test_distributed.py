@@ -1,0 +1,56 @@
+"""DDP with 2 CPU processes (gloo) through torchrun: both ranks must end with identical adapter weights."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from moelora.data import bundled_train_sources
+
+
+def test_torchrun_two_cpu_processes_end_identical(tmp_path, tiny_model_dir):
+    config = {
+        "method": "d2mora",
+        "adapter": {"r": 4, "lora_alpha": 8, "num_down_experts": 2, "num_up_experts": 3},
+        "data": {
+            "train_files": [f"{t}={p}" for t, p in bundled_train_sources(include_approx=False).items()],
+            "max_records_per_task": 8,
+            "val_size": 0,
+            "cutoff_len": 96,
+        },
+        "training": {
+            "output_dir": str(tmp_path / "run"),
+            "max_steps": 3,
+            "warmup_steps": 1,
+            "global_batch_size": 8,
+            "micro_batch_size": 2,
+            "save_steps": 100,
+            "logging_steps": 1,
+            "learning_rate": 1e-2,
+            "report_to": [],
+        },
+    }
+    config_path = tmp_path / "run.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    driver = Path(__file__).with_name("ddp_driver.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+               str(driver), str(tiny_model_dir), str(config_path), str(tmp_path)]  # fmt: skip
+    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    for rank in (0, 1):
+        with safe_open(tmp_path / f"rank{rank}.safetensors", "pt") as handle:
+            assert handle.metadata()["world_size"] == "2"
+    rank0, rank1 = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
+    assert rank0.keys() == rank1.keys() and rank0
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    assert any(k.endswith("d2mora_B.default") and rank0[k].abs().sum() > 0 for k in rank0), "training must move B"
+    saved = load_file(tmp_path / "run" / "adapter_model.safetensors")
+    assert len(saved) == len(rank0)
