@@ -300,3 +300,19 @@ def test_d2mora_refuses_to_merge(model_factory):
     model = get_peft_model(model_factory(), D2MoRAConfig(r=4, lora_alpha=8))
     with pytest.raises(ValueError, match="cannot be merged.*routers"):
         model.merge_and_unload()
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(model_factory, token_batch):
+    def gradients(checkpointing: bool) -> dict[str, torch.Tensor]:
+        model = get_peft_model(model_factory(), D2MoRAConfig(r=4, lora_alpha=8, init_weights=False, lora_dropout=0.0))
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        model.train()
+        model(input_ids=token_batch, labels=token_batch).loss.backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    plain, checkpointed = gradients(False), gradients(True)
+    assert plain.keys() == checkpointed.keys()
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5, msg=name)
