@@ -7,28 +7,10 @@ import sys
 import time
 from pathlib import Path
 
+from .config import BUNDLED, load_config, recipe_path, resolve_test_files
 from .methods import METHODS
 
 _EPILOG = "methods:\n" + "\n".join(f"  {m.name:<10} {m.summary}" for m in METHODS.values())
-
-#: Quickstart: D2MoRA {M3, N8, r8} on the bundled commonsense sample, sized to finish in minutes on 2 CPU cores.
-QUICKSTART_OVERRIDES = [
-    "method=d2mora",
-    "adapter={r: 8, lora_alpha: 16, num_down_experts: 3, num_up_experts: 8}",
-    "data.val_size=0",
-    "data.cutoff_len=256",
-    "training.output_dir=runs/quickstart",
-    "training.max_steps=60",
-    "training.learning_rate=1e-3",
-    "training.warmup_steps=5",
-    "training.global_batch_size=8",
-    "training.micro_batch_size=8",
-    "training.save_steps=30",
-    "training.logging_steps=10",
-    "evaluation.evaluate_base_model=true",
-    "evaluation.max_items=60",
-    "evaluation.generate_max_items=10",
-]
 
 
 def _add_run_arguments(parser: argparse.ArgumentParser, config_required: bool) -> None:
@@ -71,10 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _test_files(specs: list[str]) -> dict[str, str]:
-    from .data import bundled_test_files
-
     if not specs:
-        return {task: str(path) for task, path in bundled_test_files().items()}
+        return resolve_test_files(BUNDLED)
     files = {}
     for spec in specs:
         task, sep, path = spec.partition("=")
@@ -97,7 +77,7 @@ def run_evaluations(config, model, tokenizer, output_dir: Path, label: str, trai
             evaluate(
                 model,
                 tokenizer,
-                config.evaluation.test_files,
+                resolve_test_files(config.evaluation.test_files),
                 protocol=protocol,
                 batch_size=config.evaluation.batch_size,
                 max_items=max_items,
@@ -121,7 +101,7 @@ def command_train(config, resume: bool, overwrite: bool) -> int:
     metrics = result.metrics
     print(
         f"trained {config.method} in {metrics['train_runtime']:.0f}s: {metrics['tokens_seen']:,} tokens, "
-        f"{metrics['train_tokens_per_second']:.0f} tokens/s, final train loss {metrics.get('train_loss', float('nan')):.4f}"
+        f"{metrics['train_tokens_per_second']:.0f} tokens/s, train loss {metrics.get('train_loss', float('nan')):.4f}"
     )
     if not config.evaluation.test_files:
         return 0
@@ -174,19 +154,12 @@ def command_eval(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .config import load_config
-
     args = build_parser().parse_args(argv)
     try:
         if args.command == "eval":
             return command_eval(args)
         if args.command == "quickstart":
-            from .data import bundled_train_sources
-
-            train_files = [f"{task}={path}" for task, path in bundled_train_sources().items()]
-            test_files = _test_files([])
-            base = QUICKSTART_OVERRIDES + [f"data.train_files={train_files!r}", f"evaluation.test_files={test_files!r}"]
-            config = load_config(None, base + args.overrides)
+            config = load_config(recipe_path("quickstart"), args.overrides)
             return command_train(config, resume=False, overwrite=True)
         config = load_config(args.config, args.overrides)
         return command_train(config, resume=args.resume, overwrite=args.overwrite)

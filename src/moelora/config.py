@@ -19,7 +19,10 @@ import yaml
 class DataConfig:
     train_files: list[str] = field(
         default_factory=list,
-        metadata={"help": "Training files as 'task=path' (or plain paths); several files mix into one multi-task set."},
+        metadata={
+            "help": "Training files as 'task=path' (or plain paths); several files mix into one multi-task set. "
+            "'bundled' stands for the sample shipped in the package."
+        },
     )
     max_records_per_task: int | None = field(default=None, metadata={"help": "Cap on records drawn per task."})
     val_size: int = field(default=2000, metadata={"help": "Records held out for validation (D2MoRA: 2000)."})
@@ -55,7 +58,9 @@ class TrainingConfig:
 
 @dataclass
 class EvaluationConfig:
-    test_files: dict[str, str] = field(default_factory=dict, metadata={"help": "task -> test file."})
+    test_files: dict[str, str] | str = field(
+        default_factory=dict, metadata={"help": "task -> test file, or 'bundled' for the sample in the package."}
+    )
     protocols: list[str] = field(default_factory=lambda: ["likelihood", "generate"])
     max_items: int | None = field(default=None, metadata={"help": "Evaluate only the first N items of each task."})
     generate_max_items: int | None = field(
@@ -69,6 +74,8 @@ class EvaluationConfig:
 
 @dataclass
 class RunConfig:
+    """One run: which model, which method with which adapter fields, on which data, trained and evaluated how."""
+
     model: str = "smollm2-135m"
     method: str = "d2mora"
     adapter: dict[str, Any] = field(default_factory=dict)
@@ -125,6 +132,39 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
             node = child
         node[leaf] = yaml.safe_load(raw) if raw else ""
     return values
+
+
+BUNDLED = "bundled"
+
+
+def resolve_train_files(entries: list[str]) -> list[str]:
+    """Expand the 'bundled' keyword to the sample's `task=path` entries."""
+    from .data import bundled_train_sources
+
+    resolved = []
+    for entry in entries:
+        if entry == BUNDLED:
+            resolved += [f"{task}={path}" for task, path in bundled_train_sources().items()]
+        else:
+            resolved.append(entry)
+    return resolved
+
+
+def resolve_test_files(test_files: dict[str, str] | str) -> dict[str, str]:
+    from .data import bundled_test_files
+
+    if test_files == BUNDLED:
+        return {task: str(path) for task, path in bundled_test_files().items()}
+    if isinstance(test_files, str):
+        raise ValueError(f"evaluation.test_files must be a task -> path mapping or 'bundled', got {test_files!r}")
+    return dict(test_files)
+
+
+def recipe_path(name: str) -> Path:
+    """A run config shipped in the package (`moelora/recipes/<name>.yaml`)."""
+    from importlib.resources import files
+
+    return Path(str(files("moelora") / "recipes" / f"{name}.yaml"))
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:

@@ -32,7 +32,7 @@ from transformers import (
 )
 from transformers.trainer_utils import get_last_checkpoint
 
-from .config import RunConfig, config_from_dict, load_config
+from .config import RunConfig, config_from_dict, load_config, resolve_train_files
 from .core.tuner import MoeLoraTuner
 from .data import build_datasets, load_mixture, parse_sources
 from .methods import get_method
@@ -226,7 +226,7 @@ def train(
     """Fine-tune `model` with the configured method; the final adapter is saved in `training.output_dir`."""
     config = config_from_dict(config.to_dict())  # validate a config built in Python like one read from YAML
     checkpoint = prepare_output_dir(config, resume=resume, overwrite=overwrite)
-    sources = parse_sources(config.data.train_files)
+    sources = parse_sources(resolve_train_files(config.data.train_files))
     cap = config.data.max_records_per_task
     if cap is not None:
         sources = [replace(s, max_records=cap if s.max_records is None else s.max_records) for s in sources]
