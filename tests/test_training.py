@@ -176,3 +176,46 @@ def test_unknown_adapter_field_names_it(tmp_path, tiny_model_dir):
     config.adapter["num_experts_typo"] = 3
     with pytest.raises(ValueError, match="num_experts_typo"):
         train(config, *load(tiny_model_dir))
+
+
+def test_training_batches_are_padded_on_the_right(tiny_model_dir):
+    """Left padding leaves fully masked attention rows, whose SDPA backward under CUDA bf16 gives NaN
+    gradients; training pads right even though the tokenizer pads left for generation."""
+    from moelora.training import training_collator
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.padding_side = "left"
+    batch = training_collator(tokenizer)(
+        [
+            {"input_ids": [5, 6, 7], "attention_mask": [1, 1, 1], "labels": [5, 6, 7]},
+            {"input_ids": [5], "attention_mask": [1], "labels": [5]},
+        ]  # fmt: skip
+    )
+    assert batch["attention_mask"][1].tolist() == [1, 0, 0, 0, 0, 0, 0, 0]
+    assert batch["labels"][1].tolist() == [5] + [-100] * 7
+    assert tokenizer.padding_side == "left"
+
+
+def test_yaml_floats_without_a_dot_are_floats(tmp_path):
+    """YAML 1.1 reads 1e-3 as a string; config fields typed float parse it, other types are checked."""
+    path = tmp_path / "run.yaml"
+    path.write_text("training:\n  learning_rate: 1e-3\nadapter:\n  orthogonal_loss_weight: 1e-4\n")
+    config = load_config(path, ["training.weight_decay=1e-2"])
+    assert config.training.learning_rate == 0.001 and config.training.weight_decay == 0.01
+    from moelora.training import build_adapter_config
+
+    assert build_adapter_config("d2mora", config.adapter).orthogonal_loss_weight == 1e-4
+    with pytest.raises(ValueError, match="training.max_steps: expected int, got 'ten'"):
+        load_config(path, ["training.max_steps=ten"])
+
+
+def test_model_returned_after_mixed_precision_training_computes_in_full_precision(tmp_path, tiny_model_dir):
+    result = train(make_config(tmp_path / "run", precision="bf16", max_steps=2), *load(tiny_model_dir))
+    model, tokenizer = load(tiny_model_dir)
+    reloaded = PeftModel.from_pretrained(model, result.output_dir).eval()
+    batch = tokenizer(["the correct answer is true"], return_tensors="pt")
+    with torch.no_grad():
+        after_training = result.model.eval()(**batch).logits
+        expected = reloaded(**batch).logits
+    assert after_training.dtype == torch.float32
+    torch.testing.assert_close(after_training, expected)

@@ -93,9 +93,10 @@ def run_evaluations(config, model, tokenizer, output_dir: Path, label: str, trai
 def command_train(config, resume: bool, overwrite: bool) -> int:
     from .evaluation import results_to_markdown
     from .models import load_model_and_tokenizer
-    from .training import train
+    from .training import build_adapter_config, train
 
     started = time.perf_counter()
+    build_adapter_config(config.method, config.adapter)  # a bad adapter field fails before the model loads
     model, tokenizer = load_model_and_tokenizer(config.model)
     result = train(config, model, tokenizer, resume=resume, overwrite=overwrite)
     metrics = result.metrics
@@ -121,7 +122,7 @@ def command_train(config, resume: bool, overwrite: bool) -> int:
 
 
 def command_eval(args) -> int:
-    from peft import PeftConfig, PeftModel
+    from peft import PeftConfig, PeftModel, get_peft_model_state_dict
 
     from .evaluation import evaluate, results_to_markdown
     from .models import DEFAULT_MODEL, load_model_and_tokenizer
@@ -133,7 +134,9 @@ def command_eval(args) -> int:
     label, trainable = "base", 0
     if args.adapter:
         model = PeftModel.from_pretrained(model, args.adapter)
-        label, trainable = model.peft_config["default"].peft_type, model.get_nb_trainable_parameters()[0]
+        method = model.peft_config["default"].peft_type
+        label = str(getattr(method, "value", method)).lower()
+        trainable = sum(weight.numel() for weight in get_peft_model_state_dict(model).values())
     model.eval()
     results = [
         evaluate(

@@ -7,7 +7,10 @@ a silent default.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import types
+import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +57,12 @@ class TrainingConfig:
     logging_steps: int = 10
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
     dataloader_num_workers: int = 0
+    train_sampling: str = field(
+        default="random",
+        metadata={
+            "help": "random (the papers) | group_by_length: batches of similar length, less padding, faster on CPU."
+        },
+    )
 
 
 @dataclass
@@ -93,12 +102,67 @@ class RunConfig:
 _SECTIONS = {"data": DataConfig, "training": TrainingConfig, "evaluation": EvaluationConfig}
 
 
+def _check_value(value: Any, hint: Any, where: str) -> Any:
+    """`value` as the type `hint` names, or a ValueError naming `where`.
+
+    YAML 1.1 reads `1e-3` (no dot) as a string, so a string where a float is expected is parsed as one;
+    nothing else is converted.
+    """
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for option in args:
+            try:
+                return _check_value(value, option, where)
+            except ValueError:
+                continue
+    elif hint is type(None):
+        if value is None:
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif hint in (int, str, bool):
+        if isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
+            return value
+    elif origin is list:
+        if isinstance(value, list):
+            return [_check_value(item, args[0], f"{where}[{i}]") for i, item in enumerate(value)]
+    elif origin is dict:
+        if isinstance(value, dict):
+            return {key: _check_value(item, args[1], f"{where}.{key}") for key, item in value.items()}
+    else:
+        return value
+    expected = hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
+    raise ValueError(f"{where}: expected {expected}, got {value!r}")
+
+
+def coerce_float_strings(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """Parse strings such as '1e-4' given for the float fields of a dataclass (YAML 1.1 leaves them strings)."""
+    hints = typing.get_type_hints(cls)
+    coerced = dict(values)
+    for key, value in values.items():
+        hint = hints.get(key)
+        floaty = hint is float or float in typing.get_args(hint)
+        if floaty and isinstance(value, str):
+            with contextlib.suppress(ValueError):  # not a number: the config's own validation names it
+                coerced[key] = float(value)
+    return coerced
+
+
 def _build_section(cls: type, values: dict[str, Any], where: str) -> Any:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
-    return cls(**values)
+    hints = typing.get_type_hints(cls)
+    return cls(**{key: _check_value(value, hints[key], f"{where}.{key}") for key, value in values.items()})
 
 
 def config_from_dict(values: dict[str, Any], where: str = "config") -> RunConfig:

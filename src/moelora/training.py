@@ -11,6 +11,7 @@ this module adds to a plain Trainer run:
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import shutil
@@ -32,7 +33,7 @@ from transformers import (
 )
 from transformers.trainer_utils import get_last_checkpoint
 
-from .config import RunConfig, config_from_dict, load_config, resolve_train_files
+from .config import RunConfig, coerce_float_strings, config_from_dict, load_config, resolve_train_files
 from .core.tuner import MoeLoraTuner
 from .data import build_datasets, load_mixture, parse_sources
 from .methods import get_method
@@ -49,7 +50,7 @@ class NonFiniteLossError(RuntimeError):
 def build_adapter_config(method_name: str, fields: dict[str, Any]):
     method = get_method(method_name)
     try:
-        return method.config_cls(task_type="CAUSAL_LM", **fields)
+        return method.config_cls(task_type="CAUSAL_LM", **coerce_float_strings(method.config_cls, fields))
     except TypeError as error:
         raise ValueError(f"adapter: {error} (method {method_name!r}, config {method.config_cls.__name__})") from None
 
@@ -180,6 +181,8 @@ def training_arguments(config: RunConfig, has_validation: bool) -> TrainingArgum
         )
     if t.precision not in ("fp32", "bf16", "fp16"):
         raise ValueError(f"training.precision must be fp32, bf16 or fp16, got {t.precision!r}")
+    if t.train_sampling not in ("random", "group_by_length"):
+        raise ValueError(f"training.train_sampling must be random or group_by_length, got {t.train_sampling!r}")
     return TrainingArguments(
         output_dir=t.output_dir,
         per_device_train_batch_size=t.micro_batch_size,
@@ -209,9 +212,23 @@ def training_arguments(config: RunConfig, has_validation: bool) -> TrainingArgum
         fp16=t.precision == "fp16",
         gradient_checkpointing=t.gradient_checkpointing,
         dataloader_num_workers=t.dataloader_num_workers,
+        train_sampling_strategy=t.train_sampling,
         ddp_find_unused_parameters=False,
         use_cpu=not torch.cuda.is_available(),
     )
+
+
+def training_collator(tokenizer: PreTrainedTokenizerBase) -> DataCollatorForSeq2Seq:
+    """Pads training batches on the right, whatever the tokenizer's side (left, for generation).
+
+    The official recipe pads on the left. Under bf16 autocast on CUDA, PyTorch's SDPA kernels return NaN
+    gradients for the fully masked rows that left padding creates (the loss stays finite), which reached the
+    adapter weights after a few hundred steps of the quickstart on an H100. Right padding leaves no fully
+    masked row; with rotary positions the shift it undoes changes no attention score.
+    """
+    right_padding = copy.copy(tokenizer)
+    right_padding.padding_side = "right"
+    return DataCollatorForSeq2Seq(right_padding, pad_to_multiple_of=8, label_pad_token_id=-100)
 
 
 def train(
@@ -249,7 +266,7 @@ def train(
         args=training_arguments(config, has_validation=val_set is not None),
         train_dataset=train_set,
         eval_dataset=val_set,
-        data_collator=DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, label_pad_token_id=-100),
+        data_collator=training_collator(tokenizer),
         processing_class=tokenizer,
         callbacks=callbacks,
     )
@@ -266,6 +283,9 @@ def train(
         kept = f"the last good checkpoint is {last}" if last else "no checkpoint had been saved yet"
         raise NonFiniteLossError(f"{error}; training stopped, {kept}") from None
     trainer.save_model(config.training.output_dir)
+    # The Trainer's accelerator leaves the model's forward wrapped in the training autocast (bf16/fp16);
+    # evaluation after training would then score with bf16 logits, whose coarse steps tie candidates.
+    peft_model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
     metrics = dict(output.metrics)
     metrics["tokens_seen"] = monitor.tokens_seen
     runtime = metrics.get("train_runtime") or math.nan

