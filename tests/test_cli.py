@@ -104,3 +104,13 @@ def test_quickstart_end_to_end_on_the_real_default_model(tmp_path, capsys):
     # M*r*d_in + N*d_out*r + d_in*M + r*N per module, M=3, N=8, r=8; q: 576->576, k and v: 576->192; 30 layers
     per_layer = sum(3 * 8 * 576 + 8 * d_out * 8 + 576 * 3 + 8 * 8 for d_out in (576, 192, 192))
     assert metrics["train_tokens_per_second"] > 0 and metrics["trainable_parameters"] == 30 * per_layer
+
+
+def test_quickstart_never_replaces_a_run_on_other_data(tmp_path, tiny_model_dir, capsys):
+    config, run = tmp_path / "run.yaml", tmp_path / "run"
+    write_config(config, tiny_model_dir, run)
+    assert main(["train", str(config), "evaluation.test_files={}"]) == 0
+    before = (run / "adapter_model.safetensors").read_bytes()
+    assert main(["quickstart", f"training.output_dir={run}"]) == 1
+    assert "--overwrite" in capsys.readouterr().err.splitlines()[-1]
+    assert (run / "adapter_model.safetensors").read_bytes() == before

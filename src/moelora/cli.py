@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_EPILOG,
     )
     quick.add_argument("overrides", nargs="*", help="section.key=value overrides of the quickstart settings")
+    quick.add_argument(
+        "--overwrite", action="store_true", help="replace a run in training.output_dir that used other data"
+    )
     evaluate = commands.add_parser("eval", help="evaluate a base model or a saved adapter")
     evaluate.add_argument("--model", default=None, help="base model: 'smollm2-135m', a hub id or a local folder")
     evaluate.add_argument("--adapter", default=None, help="adapter folder saved by `moelora train`")
@@ -93,10 +96,12 @@ def run_evaluations(config, model, tokenizer, output_dir: Path, label: str, trai
 def command_train(config, resume: bool, overwrite: bool) -> int:
     from .evaluation import results_to_markdown
     from .models import load_model_and_tokenizer
-    from .training import build_adapter_config, train
+    from .training import build_adapter_config, check_output_dir, train
 
     started = time.perf_counter()
-    build_adapter_config(config.method, config.adapter)  # a bad adapter field fails before the model loads
+    # A bad adapter field or output folder fails before the model loads.
+    build_adapter_config(config.method, config.adapter)
+    check_output_dir(config, resume=resume, overwrite=overwrite)
     model, tokenizer = load_model_and_tokenizer(config.model)
     result = train(config, model, tokenizer, resume=resume, overwrite=overwrite)
     metrics = result.metrics
@@ -156,6 +161,15 @@ def command_eval(args) -> int:
     return 0
 
 
+def _replaceable_quickstart(config) -> bool:
+    """The quickstart replaces its own earlier runs (trained on the bundled sample, minutes to redo), never a run
+    on other data that an override pointed it at."""
+    from .training import RUN_CONFIG_NAME
+
+    saved = Path(config.training.output_dir) / RUN_CONFIG_NAME
+    return saved.is_file() and load_config(saved).data.train_files == [BUNDLED]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -163,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             return command_eval(args)
         if args.command == "quickstart":
             config = load_config(recipe_path("quickstart"), args.overrides)
-            return command_train(config, resume=False, overwrite=True)
+            return command_train(config, resume=False, overwrite=args.overwrite or _replaceable_quickstart(config))
         config = load_config(args.config, args.overrides)
         return command_train(config, resume=args.resume, overwrite=args.overwrite)
     except (ValueError, RuntimeError, FileNotFoundError) as error:

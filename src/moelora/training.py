@@ -61,16 +61,10 @@ def build_peft_model(model: PreTrainedModel, config: RunConfig) -> PeftModel:
     return get_peft_model(model, build_adapter_config(config.method, config.adapter))
 
 
-def prepare_output_dir(config: RunConfig, *, resume: bool, overwrite: bool) -> str | None:
-    """Check the output directory, then (main process only) claim it; returns the checkpoint to resume from.
-
-    Every process runs the read-only checks before any process writes, so under DDP all ranks reach the same
-    verdict and none waits at a barrier for a rank that failed.
-    """
+def check_output_dir(config: RunConfig, *, resume: bool, overwrite: bool) -> tuple[str | None, bool]:
+    """Read-only checks of the output directory: (checkpoint to resume from, whether a run will be replaced)."""
     output_dir = Path(config.training.output_dir)
     saved = output_dir / RUN_CONFIG_NAME
-    checkpoint = None
-    replace_existing = False
     if resume:
         if not saved.is_file():
             raise ValueError(f"--resume: {output_dir} holds no moelora run ({RUN_CONFIG_NAME} missing)")
@@ -85,7 +79,8 @@ def prepare_output_dir(config: RunConfig, *, resume: bool, overwrite: bool) -> s
         checkpoint = get_last_checkpoint(str(output_dir))
         if checkpoint is None:
             raise ValueError(f"--resume: {output_dir} has no checkpoint-* folder to resume from")
-    elif output_dir.exists() and any(output_dir.iterdir()):
+        return checkpoint, False
+    if output_dir.exists() and any(output_dir.iterdir()):
         if not overwrite:
             raise ValueError(
                 f"{output_dir} already holds files (another run?); pass --overwrite to replace it, "
@@ -93,14 +88,25 @@ def prepare_output_dir(config: RunConfig, *, resume: bool, overwrite: bool) -> s
             )
         if not saved.is_file():
             raise ValueError(f"--overwrite: refusing to delete {output_dir}, which is not a moelora run folder")
-        replace_existing = True
+        return None, True
+    return None, False
+
+
+def prepare_output_dir(config: RunConfig, *, resume: bool, overwrite: bool) -> str | None:
+    """Check the output directory, then (main process only) claim it; returns the checkpoint to resume from.
+
+    Every process runs the read-only checks before any process writes, so under DDP all ranks reach the same
+    verdict and none waits at a barrier for a rank that failed.
+    """
+    checkpoint, replace_existing = check_output_dir(config, resume=resume, overwrite=overwrite)
+    output_dir = Path(config.training.output_dir)
     state = PartialState()
     state.wait_for_everyone()
     if state.is_main_process and not resume:
         if replace_existing:
             shutil.rmtree(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
-        config.save(saved)
+        config.save(output_dir / RUN_CONFIG_NAME)
     state.wait_for_everyone()
     return checkpoint
 
