@@ -54,3 +54,25 @@ def test_torchrun_two_cpu_processes_end_identical(tmp_path, tiny_model_dir):
     assert any(k.endswith("d2mora_B.default") and rank0[k].abs().sum() > 0 for k in rank0), "training must move B"
     saved = load_file(tmp_path / "run" / "adapter_model.safetensors")
     assert len(saved) == len(rank0)
+
+
+def test_the_train_command_runs_under_torchrun_and_evaluates_once(tmp_path, tiny_model_dir):
+    train_files = [f"{t}={p}" for t, p in bundled_train_sources(include_approx=False).items()]
+    config = {
+        "model": str(tiny_model_dir),
+        "method": "d2mora",
+        "adapter": {"r": 4, "lora_alpha": 8, "num_down_experts": 2, "num_up_experts": 3},
+        "data": {"train_files": train_files, "max_records_per_task": 4, "val_size": 0, "cutoff_len": 64},
+        "training": {"output_dir": str(tmp_path / "run"), "max_steps": 2, "warmup_steps": 0, "global_batch_size": 4,
+                     "micro_batch_size": 1, "save_steps": 100, "report_to": []},
+        "evaluation": {"test_files": "bundled", "protocols": ["likelihood"], "max_items": 2},
+    }  # fmt: skip
+    config_path = tmp_path / "run.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29534",
+               "-m", "moelora.cli", "train", str(config_path)]  # fmt: skip
+    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    assert completed.stdout.count("| d2mora | likelihood |") == 1
+    assert (tmp_path / "run" / "eval_d2mora" / "results_likelihood.json").is_file()

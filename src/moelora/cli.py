@@ -94,6 +94,8 @@ def run_evaluations(config, model, tokenizer, output_dir: Path, label: str, trai
 
 
 def command_train(config, resume: bool, overwrite: bool) -> int:
+    from accelerate import PartialState
+
     from .evaluation import results_to_markdown
     from .models import load_model_and_tokenizer
     from .training import build_adapter_config, check_output_dir, train
@@ -109,8 +111,8 @@ def command_train(config, resume: bool, overwrite: bool) -> int:
         f"trained {config.method} in {metrics['train_runtime']:.0f}s: {metrics['tokens_seen']:,} tokens, "
         f"{metrics['train_tokens_per_second']:.0f} tokens/s, train loss {metrics.get('train_loss', float('nan')):.4f}"
     )
-    if not config.evaluation.test_files:
-        return 0
+    if not config.evaluation.test_files or not PartialState().is_main_process:
+        return 0  # under torchrun / accelerate launch, the main process evaluates
     rows = []
     result.model.eval()
     if config.evaluation.evaluate_base_model:
