@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from moelora.cli import main
 from moelora.config import BUNDLED, resolve_test_files
@@ -73,6 +75,7 @@ def test_a_second_train_into_the_same_folder_is_refused(tmp_path, tiny_model_dir
         ("adapter.num_down_experts=0", "num_down_experts"),
         ("method=no_such_method", "no_such_method"),
         ("data.train_files=[boolq=/nonexistent/train.json]", "/nonexistent/train.json"),
+        ("model_dtype=fp8", "model_dtype: expected one of fp32, bf16, fp16, got 'fp8'"),
     ],
 )
 def test_bad_settings_give_one_line_errors(tmp_path, tiny_model_dir, capsys, override, message):
@@ -114,3 +117,12 @@ def test_quickstart_never_replaces_a_run_on_other_data(tmp_path, tiny_model_dir,
     assert main(["quickstart", f"training.output_dir={run}"]) == 1
     assert "--overwrite" in capsys.readouterr().err.splitlines()[-1]
     assert (run / "adapter_model.safetensors").read_bytes() == before
+
+
+def test_half_precision_base_model_keeps_fp32_adapter_weights(tmp_path, tiny_model_dir):
+    config, run = tmp_path / "run.yaml", tmp_path / "run"
+    write_config(config, tiny_model_dir, run)
+    assert main(["train", str(config), "model_dtype=bf16", "training.precision=bf16", "evaluation.test_files={}"]) == 0
+    weights = load_file(run / "adapter_model.safetensors")
+    assert weights and all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in weights.values())
+    assert any(name.endswith("d2mora_B") and w.abs().sum() > 0 for name, w in weights.items())

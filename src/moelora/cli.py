@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=int, default=8)
     evaluate.add_argument("--greedy", action="store_true", help="greedy decoding instead of beam 4")
     evaluate.add_argument("--output-dir", default=None)
+    evaluate.add_argument(
+        "--dtype", default="fp32", help="base-model weights: fp32 | bf16 | fp16 (bf16 logits score more coarsely)"
+    )
     return parser
 
 
@@ -97,14 +100,15 @@ def command_train(config, resume: bool, overwrite: bool) -> int:
     from accelerate import PartialState
 
     from .evaluation import results_to_markdown
-    from .models import load_model_and_tokenizer
+    from .models import load_model_and_tokenizer, parse_dtype
     from .training import build_adapter_config, check_output_dir, train
 
     started = time.perf_counter()
-    # A bad adapter field or output folder fails before the model loads.
+    # A bad adapter field, dtype or output folder fails before the model loads.
     build_adapter_config(config.method, config.adapter)
+    dtype = parse_dtype(config.model_dtype)
     check_output_dir(config, resume=resume, overwrite=overwrite)
-    model, tokenizer = load_model_and_tokenizer(config.model)
+    model, tokenizer = load_model_and_tokenizer(config.model, dtype=dtype)
     result = train(config, model, tokenizer, resume=resume, overwrite=overwrite)
     metrics = result.metrics
     print(
@@ -132,12 +136,13 @@ def command_eval(args) -> int:
     from peft import PeftConfig, PeftModel, get_peft_model_state_dict
 
     from .evaluation import evaluate, results_to_markdown
-    from .models import DEFAULT_MODEL, load_model_and_tokenizer
+    from .models import DEFAULT_MODEL, load_model_and_tokenizer, parse_dtype
 
+    dtype = parse_dtype(args.dtype, "--dtype")
     model_name = args.model
     if model_name is None and args.adapter:
         model_name = PeftConfig.from_pretrained(args.adapter).base_model_name_or_path
-    model, tokenizer = load_model_and_tokenizer(model_name or DEFAULT_MODEL)
+    model, tokenizer = load_model_and_tokenizer(model_name or DEFAULT_MODEL, dtype=dtype)
     label, trainable = "base", 0
     if args.adapter:
         model = PeftModel.from_pretrained(model, args.adapter)

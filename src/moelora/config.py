@@ -86,6 +86,13 @@ class RunConfig:
     """One run: which model, which method with which adapter fields, on which data, trained and evaluated how."""
 
     model: str = "smollm2-135m"
+    model_dtype: str = field(
+        default="fp32",
+        metadata={
+            "help": "Base-model weights: fp32 | bf16 | fp16 (the official D2MoRA recipe: fp16). Adapter weights "
+            "stay fp32 either way; `training.precision` sets the autocast."
+        },
+    )
     method: str = "d2mora"
     adapter: dict[str, Any] = field(default_factory=dict)
     data: DataConfig = field(default_factory=DataConfig)

@@ -70,6 +70,16 @@ def default_model_path() -> Path:
     return target
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def parse_dtype(name: str, where: str = "model_dtype") -> torch.dtype:
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ValueError(f"{where}: expected one of {', '.join(DTYPES)}, got {name!r}") from None
+
+
 def resolve_model_path(name_or_path: str) -> str:
     if name_or_path == DEFAULT_MODEL:
         return str(default_model_path())
