@@ -219,3 +219,13 @@ def test_model_returned_after_mixed_precision_training_computes_in_full_precisio
         expected = reloaded(**batch).logits
     assert after_training.dtype == torch.float32
     torch.testing.assert_close(after_training, expected)
+
+
+def test_every_run_config_field_explains_itself():
+    import dataclasses
+
+    from moelora.config import DataConfig, EvaluationConfig, RunConfig, TrainingConfig
+
+    for section in (RunConfig, DataConfig, TrainingConfig, EvaluationConfig):
+        silent = [f.name for f in dataclasses.fields(section) if not f.metadata.get("help")]
+        assert not silent, f"{section.__name__} fields without help: {silent}"

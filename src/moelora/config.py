@@ -36,27 +36,41 @@ class DataConfig:
 
 @dataclass
 class TrainingConfig:
-    output_dir: str = "runs/d2mora"
-    seed: int = 42
-    num_epochs: float = 4.0
+    output_dir: str = field(
+        default="runs/d2mora", metadata={"help": "Run folder: adapter, checkpoints, logs, evaluation results."}
+    )
+    seed: int = field(default=42, metadata={"help": "Seeds data order, validation split, adapter init and dropout."})
+    num_epochs: float = field(default=4.0, metadata={"help": "Epochs over the training set (D2MoRA: 4)."})
     max_steps: int = field(default=-1, metadata={"help": "Stop after this many optimizer steps (-1: use epochs)."})
-    learning_rate: float = 3e-4
-    warmup_steps: int = 100
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    global_batch_size: int = 16
-    micro_batch_size: int = 4
-    eval_steps: int = 200
-    save_steps: int = 200
-    save_total_limit: int = 3
+    learning_rate: float = field(default=3e-4, metadata={"help": "Peak AdamW learning rate (D2MoRA: 3e-4)."})
+    warmup_steps: int = field(
+        default=100, metadata={"help": "Linear warmup steps, then linear decay to 0 (D2MoRA: 100)."}
+    )
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (D2MoRA: 0)."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (D2MoRA: 1.0)."})
+    global_batch_size: int = field(
+        default=16, metadata={"help": "Sequences per optimizer step over all processes (D2MoRA: 16)."}
+    )
+    micro_batch_size: int = field(
+        default=4, metadata={"help": "Sequences per forward pass per process; the rest is gradient accumulation."}
+    )
+    eval_steps: int = field(default=200, metadata={"help": "Validation-loss interval in steps (D2MoRA: 200)."})
+    save_steps: int = field(default=200, metadata={"help": "Checkpoint interval in steps (D2MoRA: 200)."})
+    save_total_limit: int = field(default=3, metadata={"help": "Checkpoints kept (the best one is never deleted)."})
     load_best_model_at_end: bool = field(
         default=True, metadata={"help": "Keep the lowest-validation-loss checkpoint, as the official recipe does."}
     )
     precision: str = field(default="fp32", metadata={"help": "fp32 | bf16 | fp16 (mixed precision autocast)."})
-    gradient_checkpointing: bool = False
-    logging_steps: int = 10
-    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
-    dataloader_num_workers: int = 0
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Recompute activations in backward: less memory, ~30% slower."}
+    )
+    logging_steps: int = field(
+        default=10, metadata={"help": "Log loss, auxiliary losses and router entropy every N steps."}
+    )
+    report_to: list[str] = field(
+        default_factory=lambda: ["tensorboard"], metadata={"help": "Trainer loggers: tensorboard, wandb, ... or []."}
+    )
+    dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
     train_sampling: str = field(
         default="random",
         metadata={
@@ -70,14 +84,20 @@ class EvaluationConfig:
     test_files: dict[str, str] | str = field(
         default_factory=dict, metadata={"help": "task -> test file, or 'bundled' for the sample in the package."}
     )
-    protocols: list[str] = field(default_factory=lambda: ["likelihood", "generate"])
+    protocols: list[str] = field(
+        default_factory=lambda: ["likelihood", "generate"], metadata={"help": "likelihood and/or generate."}
+    )
     max_items: int | None = field(default=None, metadata={"help": "Evaluate only the first N items of each task."})
     generate_max_items: int | None = field(
         default=None, metadata={"help": "A separate, smaller cap for the (slower) generation protocol."}
     )
-    batch_size: int = 8
-    num_beams: int = 4
-    max_new_tokens: int = 32
+    batch_size: int = field(default=8, metadata={"help": "Items per forward pass in evaluation."})
+    num_beams: int = field(
+        default=4, metadata={"help": "Beam width of the generate protocol (LLM-Adapters: 4; 1 is greedy)."}
+    )
+    max_new_tokens: int = field(
+        default=32, metadata={"help": "New tokens per answer in the generate protocol (LLM-Adapters: 32)."}
+    )
     evaluate_base_model: bool = field(default=False, metadata={"help": "Also evaluate the base model, side by side."})
 
 
@@ -85,7 +105,10 @@ class EvaluationConfig:
 class RunConfig:
     """One run: which model, which method with which adapter fields, on which data, trained and evaluated how."""
 
-    model: str = "smollm2-135m"
+    model: str = field(
+        default="smollm2-135m",
+        metadata={"help": "'smollm2-135m' (embedded, offline), a hub model id or a local folder."},
+    )
     model_dtype: str = field(
         default="fp32",
         metadata={
@@ -93,11 +116,16 @@ class RunConfig:
             "stay fp32 either way; `training.precision` sets the autocast."
         },
     )
-    method: str = "d2mora"
-    adapter: dict[str, Any] = field(default_factory=dict)
-    data: DataConfig = field(default_factory=DataConfig)
-    training: TrainingConfig = field(default_factory=TrainingConfig)
-    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    method: str = field(default="d2mora", metadata={"help": "The MoE-LoRA method; `moelora --help` lists them."})
+    adapter: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={"help": "Fields of the method's PEFT config (r, lora_alpha, target_modules, ...)."},
+    )
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Training data."})
+    training: TrainingConfig = field(default_factory=TrainingConfig, metadata={"help": "Optimisation and checkpoints."})
+    evaluation: EvaluationConfig = field(
+        default_factory=EvaluationConfig, metadata={"help": "Test sets and protocols, run after training."}
+    )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
