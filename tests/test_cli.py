@@ -126,3 +126,10 @@ def test_half_precision_base_model_keeps_fp32_adapter_weights(tmp_path, tiny_mod
     weights = load_file(run / "adapter_model.safetensors")
     assert weights and all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in weights.values())
     assert any(name.endswith("d2mora_B") and w.abs().sum() > 0 for name, w in weights.items())
+
+
+def test_model_option_overrides_the_config(tmp_path, tiny_model_dir, capsys):
+    config = tmp_path / "run.yaml"
+    write_config(config, tiny_model_dir, tmp_path / "run")
+    assert main(["train", str(config), "--model", str(tmp_path / "no-such-model")]) == 1
+    assert "no-such-model" in capsys.readouterr().err.strip().splitlines()[-1]

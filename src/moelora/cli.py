@@ -18,6 +18,17 @@ def _add_run_arguments(parser: argparse.ArgumentParser, config_required: bool) -
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. training.learning_rate=1e-4")
     parser.add_argument("--resume", action="store_true", help="continue the run in training.output_dir")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing run in training.output_dir")
+    _add_model_argument(parser)
+
+
+def _add_model_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", default=None, help="base model ('smollm2-135m', a hub id or a local folder); same as model=..."
+    )
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    return [*args.overrides, *([f"model={args.model}"] if args.model else [])]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,19 +39,22 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", required=True)
+    raw = argparse.RawDescriptionHelpFormatter
     train = commands.add_parser(
-        "train", help="fine-tune (then evaluate if evaluation.test_files is set)", epilog=_EPILOG
+        "train", help="fine-tune (then evaluate if evaluation.test_files is set)", epilog=_EPILOG, formatter_class=raw
     )
     _add_run_arguments(train, config_required=True)
     quick = commands.add_parser(
         "quickstart",
         help="D2MoRA on the default model and the bundled sample; base vs tuned table",
         epilog=_EPILOG,
+        formatter_class=raw,
     )
     quick.add_argument("overrides", nargs="*", help="section.key=value overrides of the quickstart settings")
     quick.add_argument(
         "--overwrite", action="store_true", help="replace a run in training.output_dir that used other data"
     )
+    _add_model_argument(quick)
     evaluate = commands.add_parser("eval", help="evaluate a base model or a saved adapter")
     evaluate.add_argument("--model", default=None, help="base model: 'smollm2-135m', a hub id or a local folder")
     evaluate.add_argument("--adapter", default=None, help="adapter folder saved by `moelora train`")
@@ -183,9 +197,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "eval":
             return command_eval(args)
         if args.command == "quickstart":
-            config = load_config(recipe_path("quickstart"), args.overrides)
+            config = load_config(recipe_path("quickstart"), _overrides(args))
             return command_train(config, resume=False, overwrite=args.overwrite or _replaceable_quickstart(config))
-        config = load_config(args.config, args.overrides)
+        config = load_config(args.config, _overrides(args))
         return command_train(config, resume=args.resume, overwrite=args.overwrite)
     except (ValueError, RuntimeError, FileNotFoundError) as error:
         print(f"moelora: error: {error}", file=sys.stderr)
