@@ -14,7 +14,11 @@ from moelora import METHODS
 TINY_SETTINGS: dict[str, dict] = {
     "lora": {},
     "d2mora": {"num_down_experts": 2, "num_up_experts": 3},
+    "hydralora": {"num_experts": 3},
+    "molora": {"num_experts": 4, "top_k": 2},
+    "moslora": {},
     "comol": {"num_experts": 3},
+    "teamlora": {"num_experts": 2},
 }
 
 

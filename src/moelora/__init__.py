@@ -5,17 +5,32 @@ Importing the package registers every method with PEFT, so `peft.get_peft_model`
 """
 
 from .core import CheckpointMismatchError, MoeLoraConfig, MoeLoraLayer, MoeLoraTuner
-from .methods import METHODS, D2MoRAConfig, LoraConfig, get_method
+from .methods import (
+    METHODS,
+    CoMoLConfig,
+    D2MoRAConfig,
+    HydraLoRAConfig,
+    LoraConfig,
+    MoLoRAConfig,
+    MoSLoRAConfig,
+    TeamLoRAConfig,
+    get_method,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "METHODS",
     "CheckpointMismatchError",
+    "CoMoLConfig",
     "D2MoRAConfig",
+    "HydraLoRAConfig",
     "LoraConfig",
+    "MoLoRAConfig",
+    "MoSLoRAConfig",
     "MoeLoraConfig",
     "MoeLoraLayer",
     "MoeLoraTuner",
+    "TeamLoRAConfig",
     "get_method",
 ]

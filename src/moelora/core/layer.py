@@ -9,6 +9,10 @@ A method subclasses `MoeLoraLayer` and writes only its math:
 - optionally `auxiliary_losses(adapter_name)` (weighted terms added to the training loss) and
   `get_delta_weight(adapter_name)` (only for updates that do not depend on the input, which can merge).
 
+A loss that needs values of the forward pass (router usage for load balancing) keeps them with
+`keep_for_auxiliary_loss` and reads them with `kept_for_auxiliary_loss`; `token_mean` averages over tokens,
+leaving out padding when asked (the tuner shares each model call's attention mask with its layers).
+
 The base layer handles inputs of any rank, dtypes (fp32 adapter weights, result cast back to the base
 dtype), several adapters, disabling, merging and router statistics.
 """
@@ -16,6 +20,7 @@ dtype), several adapters, disabling, merging and router statistics.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,6 +29,24 @@ from torch import nn
 
 from .config import MoeLoraConfig
 from .routing import RoutingRecorder
+
+
+@dataclass
+class ModelCall:
+    """What the tuner knows of the current model call, shared by all its layers."""
+
+    attention_mask: torch.Tensor | None = None
+
+
+class _ForwardValues(dict):
+    """Per-adapter tensors of the current training forward. They carry autograd graphs, which can be neither
+    deep-copied nor pickled, so a copy of the layer starts empty instead of failing."""
+
+    def __deepcopy__(self, memo: dict) -> _ForwardValues:
+        return type(self)()
+
+    def __reduce__(self) -> tuple:
+        return type(self), ()
 
 
 class MoeLoraLayer(nn.Module, BaseTunerLayer):
@@ -43,6 +66,8 @@ class MoeLoraLayer(nn.Module, BaseTunerLayer):
         self.merged_adapters: list[str] = []
         self._active_adapter = adapter_name
         self.routing = RoutingRecorder()
+        self.model_call = ModelCall()  # the tuner replaces it with the one all its layers share
+        self._forward_values = _ForwardValues()
         linear = self.get_base_layer()
         self.in_features: int = linear.in_features
         self.out_features: int = linear.out_features
@@ -64,6 +89,31 @@ class MoeLoraLayer(nn.Module, BaseTunerLayer):
         raise ValueError(
             f"{type(self).__name__} cannot be merged into the base weights: {self.merge_unsupported_reason}"
         )
+
+    # --- values of the forward pass for auxiliary losses -----------------------------------------------------
+
+    def keep_for_auxiliary_loss(self, adapter_name: str, value: torch.Tensor) -> None:
+        """Keep `value` (with its graph) for `auxiliary_losses`, in training mode only. Every forward starts by
+        dropping what the previous one kept, so no value outlives its forward and eval forwards leave none."""
+        if self.training:
+            self._forward_values[adapter_name] = value
+
+    def kept_for_auxiliary_loss(self, adapter_name: str) -> torch.Tensor | None:
+        return self._forward_values.get(adapter_name)
+
+    def token_mean(self, values: torch.Tensor, mask_padding: bool = False) -> torch.Tensor:
+        """Mean of [tokens, k] values over the tokens; with `mask_padding`, over the tokens the model call's
+        attention mask keeps (all tokens when the call had no mask)."""
+        mask = self.model_call.attention_mask if mask_padding else None
+        if mask is None:
+            return values.mean(0)
+        if mask.numel() != values.shape[0]:
+            raise ValueError(
+                f"cannot leave padding out: the attention mask has {mask.numel()} entries but the layer saw "
+                f"{values.shape[0]} tokens"
+            )
+        keep = mask.reshape(-1, 1).to(device=values.device, dtype=values.dtype)
+        return (values * keep).sum(0) / keep.sum().clamp_min(1.0)
 
     # --- shared machinery ---------------------------------------------------------------------------------
 
@@ -101,6 +151,7 @@ class MoeLoraLayer(nn.Module, BaseTunerLayer):
         return [getattr(self, name)[adapter_name] for name in self.adapter_layer_names]
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self._forward_values.clear()
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()

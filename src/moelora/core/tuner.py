@@ -14,7 +14,7 @@ from torch import nn
 
 from ..peft_compat import adapter_state_dict, check_target_module_exists
 from .config import MoeLoraConfig
-from .layer import MoeLoraLayer
+from .layer import ModelCall, MoeLoraLayer
 
 #: The D2MoRA paper adapts the attention q/k/v projections; these decoders name them alike.
 _QKV = ["q_proj", "k_proj", "v_proj"]
@@ -79,6 +79,8 @@ class MoeLoraTuner(BaseTuner):
     target_module_mapping = DEFAULT_TARGET_MODULES
 
     def __init__(self, model: nn.Module, peft_config: Any, adapter_name: str, **kwargs: Any) -> None:
+        #: Shared with every layer: what they may need of the current model call (its attention mask).
+        self.model_call = ModelCall()
         super().__init__(model, peft_config, adapter_name, **kwargs)
         #: Add the layers' auxiliary losses to `outputs.loss` when labels are given; set False to add
         #: them yourself (`auxiliary_losses()`).
@@ -86,6 +88,7 @@ class MoeLoraTuner(BaseTuner):
         #: Detached values of the auxiliary terms of the last forward with labels, for logging.
         self.last_auxiliary_losses: dict[str, float] = {}
         self.model.register_forward_hook(self._add_auxiliary_losses, with_kwargs=True)
+        self.model.register_forward_pre_hook(self._share_model_call, with_kwargs=True)
 
     # --- injection ----------------------------------------------------------------------------------------
 
@@ -110,12 +113,16 @@ class MoeLoraTuner(BaseTuner):
         if isinstance(target, BaseTunerLayer):
             raise ValueError(f"{current_key!r} is already adapted by {type(target).__name__}")
         new_module = self.tuner_layer_cls(target, adapter_name, config)
+        new_module.model_call = self.model_call
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
 
     def _adapter_layers(self) -> list[tuple[str, MoeLoraLayer]]:
         return [(name, m) for name, m in self.model.named_modules() if isinstance(m, MoeLoraLayer)]
+
+    def _share_model_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.model_call.attention_mask = kwargs.get("attention_mask")
 
     # --- auxiliary losses ---------------------------------------------------------------------------------
 

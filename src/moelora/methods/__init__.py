@@ -7,8 +7,13 @@ from dataclasses import dataclass
 from ..core.config import MoeLoraConfig
 from ..core.tuner import MoeLoraTuner
 from ..peft_compat import register_peft_method
+from .comol import CoMoLConfig, CoMoLLinear, CoMoLTuner
 from .d2mora import D2MoRAConfig, D2MoRALinear, D2MoRATuner
+from .hydralora import HydraLoRAConfig, HydraLoRALinear, HydraLoRATuner
 from .lora import LoraConfig, LoraLinear, LoraTuner
+from .molora import MoLoRAConfig, MoLoRALinear, MoLoRATuner
+from .moslora import MoSLoRAConfig, MoSLoRALinear, MoSLoRATuner
+from .teamlora import TeamLoRAConfig, TeamLoRALinear, TeamLoRATuner
 
 
 @dataclass(frozen=True)
@@ -26,6 +31,11 @@ METHODS: dict[str, Method] = {
     for method in (
         Method("lora", LoraConfig, LoraTuner, "LoRA (reference; output-identical to PEFT's LoRA)"),
         Method("d2mora", D2MoRAConfig, D2MoRATuner, "D2MoRA: M down / N up experts, two routers, dual orthogonality"),
+        Method("comol", CoMoLConfig, CoMoLTuner, "CoMoL: shared A/B, E r x r core experts soft-merged per token"),
+        Method("hydralora", HydraLoRAConfig, HydraLoRATuner, "HydraLoRA: one shared A, K routed B heads"),
+        Method("molora", MoLoRAConfig, MoLoRATuner, "MoLoRA: E routed LoRA experts, dense or top-k with balance loss"),
+        Method("moslora", MoSLoRAConfig, MoSLoRATuner, "MoSLoRA: LoRA with a learnable r x r mixer (mergeable)"),
+        Method("teamlora", TeamLoRAConfig, TeamLoRATuner, "TeamLoRA: block-split A, K B experts, interaction matrix"),
     )
 }
 
@@ -42,12 +52,27 @@ def get_method(name: str) -> Method:
 
 __all__ = [
     "METHODS",
+    "CoMoLConfig",
+    "CoMoLLinear",
+    "CoMoLTuner",
     "D2MoRAConfig",
     "D2MoRALinear",
     "D2MoRATuner",
+    "HydraLoRAConfig",
+    "HydraLoRALinear",
+    "HydraLoRATuner",
     "LoraConfig",
     "LoraLinear",
     "LoraTuner",
     "Method",
+    "MoLoRAConfig",
+    "MoLoRALinear",
+    "MoLoRATuner",
+    "MoSLoRAConfig",
+    "MoSLoRALinear",
+    "MoSLoRATuner",
+    "TeamLoRAConfig",
+    "TeamLoRALinear",
+    "TeamLoRATuner",
     "get_method",
 ]

@@ -1,0 +1,273 @@
+"""CoMoL, Core Space Mixture of LoRA (arXiv 2603.00573, ACL 2026 Findings; official code name `mocorelora`).
+
+Specs: comol.md (§2 forward, §3 variants, §5 counts, §11 choices) and baselines.md §5 (dropout placement).
+
+Per module, shared LoRA factors A in R^{r x d_in} and B in R^{d_out x r}, E core experts C_i in R^{r x r} and a
+bias-free router W_g (E x r with the core router, E x d_in without it); s = alpha / r. Per token x (row vector):
+
+    h    = drop1(x) A^T                              the shared down-projection, in R^r
+    g    = softmax(h W_g^T)  (core router)           dense, fp32; the router inherits the input dropout
+         = softmax(x W_g^T)  (core_router=False)     "CoMoL w/o CR": raw x, no dropout
+    C(x) = sum_i g_i C_i                             soft-merged core, r x r
+    z    = drop3(h drop2(C(x)))                      h is a row vector right-multiplied by the core
+    dy   = s z B^T                                   so ΔW(x) = s B C(x)^T A: token-dependent, never mergeable
+
+The three dropouts draw independent masks; the official code gives them all p = lora_dropout (0.1).
+
+Two paths for the core (`core_path`), neither with a Python loop over experts:
+- "exact" (the official computation): C(x) is materialised per token as a [tokens, r, r] tensor by one
+  (tokens x E)(E x r^2) matmul so that drop2 can act element-wise on it, then z = h C(x) by a batched matmul.
+  It materialises only while drop2 is active (training with core dropout > 0); otherwise it runs the fast
+  form, which is then the same function.
+- "fast": z = sum_i g_i (h C_i) = vec(g ⊗ h) C_cat with C_cat = [C_1; ...; C_E] (E r x r): one matmul, E r^2
+  per token, no per-token core. drop2 cannot be moved onto the h C_i, so this path omits it (drop1 and drop3
+  stay): a documented deviation, exact when the core dropout is 0.
+- "auto" (default) = "exact" for r <= 32 and "fast" above, the spec's rule (comol.md §2): the [tokens, r, r]
+  activations grow with r^2 and get heavy at r = 64 or 128.
+Routers, softmaxes and the core-space products run in fp32 even under bf16/fp16 autocast; the A and B GEMMs
+follow autocast.
+
+Init (§2): A and every C_i ~ U(±1/sqrt(fan_in)) (nn.Linear's kaiming_uniform(a=sqrt(5)); fan_in = d_in for A,
+r for C_i), the router ~ the default nn.Linear init, B = 0: dy = 0 at init and only B gets a gradient at step 0.
+
+Choices the source does not settle ([INF] in comol.md; each is an option):
+- `core_path`, above (§2).
+- `top_k`: the code routes densely over all E (the default); the abstract speaks of "activated" experts, so an
+  optional top-k renormalised over the selected experts is offered for ablations (§11).
+- `core_orthogonal_loss_weight`: commit b9aac3d has no auxiliary loss for CoMoL (default 0); the newer README
+  mentions "core losses", so an optional penalty λ Σ_{i<j} |cos(vec C_i, vec C_j)| per module is offered (§11).
+- `layer_shared` ("mocorelorash", §3): one A and one B per projection type (the module name's last component,
+  e.g. q_proj) shared by all layers; cores and routers stay per layer. The tuner ties the per-layer tensors
+  after injection (PEFT's `_post_injection_hook`), so checkpoints hold one identical copy per layer and loading
+  re-ties them; a checkpoint whose copies differ is refused. The official variant has no core dropout, so
+  `core_dropout=None` means 0 there.
+- Transpose convention (§2): z = h C_i with h a row vector; it only matters when porting official checkpoints.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..core.config import MoeLoraConfig, check_positive
+from ..core.layer import MoeLoraLayer
+from ..core.losses import pairwise_abs_cosine
+from ..core.tuner import CheckpointMismatchError, MoeLoraTuner
+
+CORE_PATHS = ("auto", "exact", "fast")
+#: Largest rank at which `core_path="auto"` keeps the exact (materialised-core) path (comol.md §2).
+AUTO_EXACT_MAX_RANK = 32
+
+
+@dataclass
+class CoMoLConfig(MoeLoraConfig):
+    """CoMoL adapter config. Defaults follow the official recipe (comol.md §6): r = alpha = 16, E = 8, core
+    router, dropout 0.1. The paper adapts q_proj, k_proj, v_proj, o_proj and down_proj: set `target_modules` to
+    those (the library-wide default is q/k/v)."""
+
+    PEFT_TYPE = "COMOL"
+
+    r: int = field(
+        default=16, metadata={"help": "Rank of the shared A and B, and size of each r x r core (official: 16)."}
+    )
+    lora_alpha: float = field(
+        default=16, metadata={"help": "Scaling numerator: the update is scaled by alpha / r (official: alpha = r)."}
+    )
+    lora_dropout: float = field(
+        default=0.1,
+        metadata={"help": "Dropout p on the adapter input (official: 0.1); also the core dropout when that is None."},
+    )
+    num_experts: int = field(default=8, metadata={"help": "E, the number of r x r core experts (official: 8)."})
+    core_router: bool = field(
+        default=True,
+        metadata={
+            "help": "Route on the low-rank h = A drop(x) with an E x r router (the paper's CoMoL). False routes on "
+            "the raw x with an E x d_in router (the 'CoMoL w/o CR' ablation)."
+        },
+    )
+    core_path: str = field(
+        default="auto",
+        metadata={
+            "help": "'exact': dropout on the merged per-token core, materialised as [tokens, r, r] while that "
+            "dropout is active (official). 'fast': never materialises per-token cores and omits that dropout "
+            f"(exact when the core dropout is 0). 'auto': exact for r <= {AUTO_EXACT_MAX_RANK}, fast above."
+        },
+    )
+    core_dropout: float | None = field(
+        default=None,
+        metadata={
+            "help": "Dropout p on the merged core and on the core output h C(x). None: as the official code, "
+            "lora_dropout for CoMoL and 0 for the layer-shared variant."
+        },
+    )
+    top_k: int | None = field(
+        default=None,
+        metadata={
+            "help": "None: dense softmax over all experts (official). k: keep the k largest gates per token and "
+            "renormalise them to sum to 1 (an ablation, not in the official code)."
+        },
+    )
+    core_orthogonal_loss_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "λ of λ Σ_{i<j} |cos(vec C_i, vec C_j)| per module, added to the loss. 0 (official: no "
+            "auxiliary loss) turns it off; not from the source, around 1e-3 is a starting point."
+        },
+    )
+    layer_shared: bool = field(
+        default=False,
+        metadata={
+            "help": "Share A and B across layers per projection type, keeping cores and routers per layer (the "
+            "official 'mocorelorash' variant). Checkpoints store one copy per layer, re-tied on load."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        name = type(self).__name__
+        check_positive(self, "num_experts")
+        if self.core_path not in CORE_PATHS:
+            raise ValueError(f"{name}.core_path must be one of {CORE_PATHS}, got {self.core_path!r}")
+        if self.core_dropout is not None and not 0.0 <= self.core_dropout < 1.0:
+            raise ValueError(f"{name}.core_dropout must be None or in [0, 1), got {self.core_dropout!r}")
+        if self.top_k is not None:
+            check_positive(self, "top_k")
+            if self.top_k > self.num_experts:
+                raise ValueError(f"{name}.top_k={self.top_k} exceeds num_experts={self.num_experts}")
+        if self.core_orthogonal_loss_weight < 0:
+            raise ValueError(
+                f"{name}.core_orthogonal_loss_weight must be >= 0, got {self.core_orthogonal_loss_weight!r}"
+            )
+        for flag in ("core_router", "layer_shared"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{name}.{flag} must be a bool, got {getattr(self, flag)!r}")
+
+    @property
+    def resolved_core_path(self) -> str:
+        """'exact' or 'fast' ('auto' resolved by the rank)."""
+        if self.core_path == "auto":
+            return "exact" if self.r <= AUTO_EXACT_MAX_RANK else "fast"
+        return self.core_path
+
+    @property
+    def resolved_core_dropout(self) -> float:
+        if self.core_dropout is not None:
+            return self.core_dropout
+        return 0.0 if self.layer_shared else self.lora_dropout
+
+
+class CoMoLLinear(MoeLoraLayer):
+    adapter_layer_names = ("comol_A", "comol_B", "comol_cores", "comol_router")
+    merge_unsupported_reason = "its merged core C(x) depends on each token through the router"
+
+    def create_parameters(self, config: CoMoLConfig) -> dict[str, torch.Tensor]:
+        e, r, d_in = config.num_experts, config.r, self.in_features
+        up = self.new_tensor(self.out_features, r)
+        up.zero_() if config.init_weights else up.normal_(std=0.02)
+        router_in = r if config.core_router else d_in
+        return {
+            "comol_A": self.linear_init(r, d_in, fan_in=d_in),
+            "comol_B": up,
+            "comol_cores": self.linear_init(e, r, r, fan_in=r),
+            "comol_router": self.linear_init(e, router_in, fan_in=router_in),
+        }
+
+    @staticmethod
+    def gates(logits: torch.Tensor, top_k: int | None) -> torch.Tensor:
+        """fp32 softmax over the experts; with top_k, the k largest renormalised to sum to 1 (dense, masked)."""
+        probs = torch.softmax(logits.float(), dim=-1)
+        if top_k is None or top_k >= probs.shape[-1]:
+            return probs
+        top, index = probs.topk(top_k, dim=-1)
+        return torch.zeros_like(probs).scatter(-1, index, top / top.sum(-1, keepdim=True))
+
+    def compute_delta(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        config: CoMoLConfig = self.adapter_config[adapter_name]
+        A, B = self.comol_A[adapter_name], self.comol_B[adapter_name]  # [r, d_in], [d_out, r]
+        cores = self.comol_cores[adapter_name].float()  # [E, r, r]
+        (e, r, _), tokens = cores.shape, x.shape[0]
+        p_core = config.resolved_core_dropout if self.training else 0.0
+
+        h = F.linear(F.dropout(x, config.lora_dropout, self.training), A)  # drop1, then the shared A
+        with torch.autocast(x.device.type, enabled=False):
+            h = h.float()
+            router_input = h if config.core_router else x.float()
+            g = self.gates(F.linear(router_input, self.comol_router[adapter_name].float()), config.top_k)  # [T, E]
+            self.routing.record(f"{adapter_name}/router", g)
+            if p_core > 0 and config.resolved_core_path == "exact":
+                merged = (g @ cores.reshape(e, r * r)).view(tokens, r, r)  # C(x) per token
+                merged = F.dropout(merged, p_core, training=True)  # drop2, element-wise on the merged core
+                z = torch.bmm(h.unsqueeze(1), merged).squeeze(1)
+            else:
+                z = (g.unsqueeze(-1) * h.unsqueeze(1)).reshape(tokens, e * r) @ cores.reshape(e * r, r)
+            z = F.dropout(z, p_core, self.training)  # drop3
+        return F.linear((z * config.scaling).to(x.dtype), B)
+
+    def auxiliary_losses(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        weight = self.adapter_config[adapter_name].core_orthogonal_loss_weight
+        if weight == 0:
+            return {}
+        return {"core_orthogonality": weight * pairwise_abs_cosine(self.comol_cores[adapter_name])}
+
+
+#: The tensors the layer-shared variant ties across layers.
+SHARED_FACTORS = ("comol_A", "comol_B")
+
+
+def _shared_groups(model: nn.Module, adapter_name: str) -> dict[str, list[tuple[str, CoMoLLinear]]]:
+    """The modules adapted by `adapter_name`, grouped by projection type (the last component of their name)."""
+    groups: dict[str, list[tuple[str, CoMoLLinear]]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, CoMoLLinear) and adapter_name in module.comol_A:
+            groups.setdefault(name.rsplit(".", 1)[-1], []).append((name, module))
+    return groups
+
+
+class CoMoLTuner(MoeLoraTuner):
+    prefix = "comol_"
+    tuner_layer_cls = CoMoLLinear
+
+    def _post_injection_hook(self, model: nn.Module, config: CoMoLConfig, adapter_name: str) -> None:
+        """Layer-shared variant: every module of a projection type takes the first one's A and B."""
+        super()._post_injection_hook(model, config, adapter_name)
+        if not config.layer_shared:
+            return
+        for kind, ((first_name, first), *others) in _shared_groups(model, adapter_name).items():
+            for name, module in others:
+                for factor in SHARED_FACTORS:
+                    leader, own = getattr(first, factor)[adapter_name], getattr(module, factor)[adapter_name]
+                    if leader.shape != own.shape or leader.device != own.device:
+                        raise ValueError(
+                            f"CoMoLConfig.layer_shared: {name!r} and {first_name!r} are both {kind!r} but their "
+                            f"{factor} differ ({tuple(own.shape)} on {own.device} vs {tuple(leader.shape)} on "
+                            f"{leader.device}); target modules of one shape and device per name"
+                        )
+                    if own.is_meta and not module.get_base_layer().weight.is_meta:
+                        raise ValueError(
+                            "CoMoLConfig.layer_shared adapters cannot be loaded with low_cpu_mem_usage=True: "
+                            "assign-loading would untie the shared A and B"
+                        )
+                    getattr(module, factor)[adapter_name] = leader
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(
+        cls, model: nn.Module, config: CoMoLConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Besides the strict key checks: a layer-shared checkpoint must hold identical copies per projection
+        type, since loading writes them all into one tensor and would silently keep only the last."""
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        if not getattr(config, "layer_shared", False):
+            return remapped
+        for kind in _shared_groups(model, adapter_name):
+            for factor in SHARED_FACTORS:
+                suffix = f".{kind}.{factor}.{adapter_name}"
+                copies = [value for key, value in remapped.items() if key.endswith(suffix)]
+                if any(not torch.equal(copies[0], value) for value in copies[1:]):
+                    raise CheckpointMismatchError(
+                        f"layer-shared CoMoL checkpoint ({adapter_name!r}) holds differing {factor} copies for "
+                        f"{kind!r}; they must be identical"
+                    )
+        return remapped
