@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
+from moelora import METHODS
 from moelora.config import load_config
 from moelora.data import bundled_train_sources
 from moelora.training import NonFiniteLossError, train
@@ -229,3 +231,18 @@ def test_every_run_config_field_explains_itself():
     for section in (RunConfig, DataConfig, TrainingConfig, EvaluationConfig):
         silent = [f.name for f in dataclasses.fields(section) if not f.metadata.get("help")]
         assert not silent, f"{section.__name__} fields without help: {silent}"
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_trains_through_the_pipeline(method, tmp_path, tiny_model_dir):
+    from test_all_methods import TINY_SETTINGS
+
+    settings = {"r": 4, "lora_alpha": 8, **TINY_SETTINGS[method]}
+    config = make_config(tmp_path / "run", max_steps=2, save_steps=2, eval_steps=2)
+    config.method, config.adapter = method, settings
+    result = train(config, *load(tiny_model_dir))
+    metrics = json.loads((result.output_dir / "train_metrics.json").read_text())
+    assert metrics["trainable_parameters"] > 0 and math.isfinite(metrics["train_loss"])
+    model, _ = load(tiny_model_dir)
+    reloaded = PeftModel.from_pretrained(model, result.output_dir)
+    assert type(reloaded.peft_config["default"]) is METHODS[method].config_cls
