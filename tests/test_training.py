@@ -246,3 +246,22 @@ def test_every_method_trains_through_the_pipeline(method, tmp_path, tiny_model_d
     model, _ = load(tiny_model_dir)
     reloaded = PeftModel.from_pretrained(model, result.output_dir)
     assert type(reloaded.peft_config["default"]) is METHODS[method].config_cls
+
+
+def test_peft_native_methods_use_peft_configs_and_moelora_targets(tiny_model_dir):
+    import peft
+
+    from moelora.methods import method_name_of
+    from moelora.training import build_adapter_config, build_peft_model
+
+    config = make_config("unused")
+    config.method, config.adapter = "peft_dora", {"r": 4, "lora_alpha": 8}
+    model = build_peft_model(load(tiny_model_dir)[0], config)
+    adapter = model.peft_config["default"]
+    assert type(adapter) is peft.LoraConfig and adapter.use_dora
+    assert set(adapter.target_modules) == {"q_proj", "k_proj", "v_proj"}
+    assert method_name_of(adapter) == "peft_dora"
+    assert method_name_of(build_adapter_config("peft_lora", {"r": 4})) == "peft_lora"
+    assert method_name_of(build_adapter_config("lora", {"r": 4})) == "lora"
+    with pytest.raises(ValueError, match="fixes"):
+        build_adapter_config("peft_lora", {"use_dora": True})

@@ -150,6 +150,7 @@ def command_eval(args) -> int:
     from peft import PeftConfig, PeftModel, get_peft_model_state_dict
 
     from .evaluation import evaluate, results_to_markdown
+    from .methods import method_name_of
     from .models import DEFAULT_MODEL, load_model_and_tokenizer, parse_dtype
 
     dtype = parse_dtype(args.dtype, "--dtype")
@@ -160,8 +161,7 @@ def command_eval(args) -> int:
     label, trainable = "base", 0
     if args.adapter:
         model = PeftModel.from_pretrained(model, args.adapter)
-        method = model.peft_config["default"].peft_type
-        label = str(getattr(method, "value", method)).lower()
+        label = method_name_of(model.peft_config["default"])
         trainable = sum(weight.numel() for weight in get_peft_model_state_dict(model).values())
     model.eval()
     results = [

@@ -34,7 +34,7 @@ from transformers import (
 from transformers.trainer_utils import get_last_checkpoint
 
 from .config import RunConfig, coerce_float_strings, config_from_dict, load_config, resolve_train_files
-from .core.tuner import MoeLoraTuner
+from .core.tuner import MoeLoraTuner, resolve_default_targets
 from .data import build_datasets, load_mixture, parse_sources
 from .methods import get_method
 
@@ -49,16 +49,28 @@ class NonFiniteLossError(RuntimeError):
 
 def build_adapter_config(method_name: str, fields: dict[str, Any]):
     method = get_method(method_name)
+    fixed = sorted(set(fields) & set(method.preset))
+    if fixed:
+        raise ValueError(f"adapter: method {method_name!r} fixes {fixed} ({method.preset}); leave them out")
     try:
-        return method.config_cls(task_type="CAUSAL_LM", **coerce_float_strings(method.config_cls, fields))
+        return method.config_cls(
+            task_type="CAUSAL_LM", **method.preset, **coerce_float_strings(method.config_cls, fields)
+        )
     except TypeError as error:
         raise ValueError(f"adapter: {error} (method {method_name!r}, config {method.config_cls.__name__})") from None
 
 
 def build_peft_model(model: PreTrainedModel, config: RunConfig) -> PeftModel:
-    """Seed, then inject the adapter, so its initialisation is reproducible."""
+    """Seed, then inject the adapter, so its initialisation is reproducible.
+
+    PEFT-native methods without `target_modules` get moelora's defaults (q, k, v on Llama-style models), not
+    PEFT's (q, v), so every method in a comparison adapts the same modules.
+    """
     set_seed(config.training.seed)
-    return get_peft_model(model, build_adapter_config(config.method, config.adapter))
+    adapter_config = build_adapter_config(config.method, config.adapter)
+    if get_method(config.method).native_to_peft and adapter_config.target_modules is None:
+        adapter_config.target_modules = set(resolve_default_targets(model))
+    return get_peft_model(model, adapter_config)
 
 
 def check_output_dir(config: RunConfig, *, resume: bool, overwrite: bool) -> tuple[str | None, bool]:

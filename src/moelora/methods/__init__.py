@@ -1,8 +1,15 @@
-"""Every method: its config, layer and tuner, registered with PEFT under its peft_type on import."""
+"""Every method: its config, layer and tuner, registered with PEFT under its peft_type on import.
+
+PEFT's own LoRA and DoRA are methods too (`peft_lora`, `peft_dora`), so comparison tables can include them
+trained through the same pipeline; they use PEFT's config and tuner unchanged.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
+
+import peft
 
 from ..core.config import MoeLoraConfig
 from ..core.tuner import MoeLoraTuner
@@ -21,9 +28,16 @@ class Method:
     """A method as the CLI and configs name it."""
 
     name: str
-    config_cls: type[MoeLoraConfig]
-    tuner_cls: type[MoeLoraTuner]
+    config_cls: type[MoeLoraConfig] | type[peft.PeftConfig]
+    #: The moelora tuner; None for a PEFT-native method, which PEFT already knows.
+    tuner_cls: type[MoeLoraTuner] | None
     summary: str
+    #: Config fields this method fixes (PEFT's DoRA is its LoRA with use_dora=True).
+    preset: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def native_to_peft(self) -> bool:
+        return self.tuner_cls is None
 
 
 METHODS: dict[str, Method] = {
@@ -36,11 +50,16 @@ METHODS: dict[str, Method] = {
         Method("molora", MoLoRAConfig, MoLoRATuner, "MoLoRA: E routed LoRA experts, dense or top-k with balance loss"),
         Method("moslora", MoSLoRAConfig, MoSLoRATuner, "MoSLoRA: LoRA with a learnable r x r mixer (mergeable)"),
         Method("teamlora", TeamLoRAConfig, TeamLoRATuner, "TeamLoRA: block-split A, K B experts, interaction matrix"),
+        Method("peft_lora", peft.LoraConfig, None, "PEFT's own LoRA (peft.LoraConfig)", {"use_dora": False}),
+        Method("peft_dora", peft.LoraConfig, None, "PEFT's DoRA (peft.LoraConfig, use_dora=True)", {"use_dora": True}),
     )
 }
 
 for _method in METHODS.values():
-    register_peft_method(_method.config_cls.PEFT_TYPE, _method.config_cls, _method.tuner_cls, _method.tuner_cls.prefix)
+    if not _method.native_to_peft:
+        register_peft_method(
+            _method.config_cls.PEFT_TYPE, _method.config_cls, _method.tuner_cls, _method.tuner_cls.prefix
+        )
 
 
 def get_method(name: str) -> Method:
@@ -48,6 +67,15 @@ def get_method(name: str) -> Method:
         return METHODS[name]
     except KeyError:
         raise ValueError(f"unknown method {name!r}; available: {', '.join(METHODS)}") from None
+
+
+def method_name_of(config: peft.PeftConfig) -> str:
+    """The method name of an adapter config, as configs and tables use it."""
+    for method in METHODS.values():
+        if type(config) is method.config_cls and all(getattr(config, k) == v for k, v in method.preset.items()):
+            return method.name
+    peft_type = config.peft_type
+    return str(getattr(peft_type, "value", peft_type)).lower()
 
 
 __all__ = [
@@ -75,4 +103,5 @@ __all__ = [
     "TeamLoRALinear",
     "TeamLoRATuner",
     "get_method",
+    "method_name_of",
 ]
