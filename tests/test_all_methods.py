@@ -8,7 +8,7 @@ import pytest
 import torch
 from peft import PeftModel, get_peft_model
 
-from moelora import METHODS
+from moelora import METHODS, MoeLoraLayer
 
 #: Small settings per method for a model with hidden size 32. Every registered method needs an entry.
 TINY_SETTINGS: dict[str, dict] = {
@@ -87,3 +87,12 @@ def test_merge_is_exact_or_refused_with_a_reason(method, model_factory, token_ba
     else:
         merged = model.merge_and_unload()
         torch.testing.assert_close(merged(token_batch).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", OWN_METHODS)
+def test_unload_gives_back_the_plain_model_without_hooks(method, model_factory, token_batch):
+    expected = model_factory()(token_batch).logits
+    plain = get_peft_model(model_factory(), make_config(method, init_weights=False)).unload()
+    assert not plain._forward_hooks and not plain._forward_pre_hooks
+    assert not any(isinstance(module, MoeLoraLayer) for module in plain.modules())
+    torch.testing.assert_close(plain(token_batch).logits, expected, rtol=0, atol=0)

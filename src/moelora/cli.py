@@ -55,6 +55,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="replace a run in training.output_dir that used other data"
     )
     _add_model_argument(quick)
+    budget = commands.add_parser(
+        "budget",
+        help="per method, the rank closest to a trainable-parameter budget without exceeding it",
+        epilog=_EPILOG,
+        formatter_class=raw,
+    )
+    budget.add_argument("--model", default="smollm2-135m", help="'smollm2-135m', a hub id or a local folder")
+    budget.add_argument("--params", required=True, help="the budget: 35.8M, 800k, 45613056, ...")
+    budget.add_argument(
+        "--targets", default="q,k,v", help="comma-separated target modules; q,k,v,o,gate,up,down mean *_proj"
+    )
+    budget.add_argument("--methods", default=None, help="comma-separated methods (default: all)")
+    budget.add_argument(
+        "--set", action="append", default=[], metavar="METHOD.FIELD=VALUE",
+        help="fix a structural field, e.g. d2mora.num_up_experts=4 (repeatable)",
+    )  # fmt: skip
+    budget.add_argument("--max-rank", type=int, default=1024)
     evaluate = commands.add_parser("eval", help="evaluate a base model or a saved adapter")
     evaluate.add_argument("--model", default=None, help="base model: 'smollm2-135m', a hub id or a local folder")
     evaluate.add_argument("--adapter", default=None, help="adapter folder saved by `moelora train`")
@@ -182,6 +199,29 @@ def command_eval(args) -> int:
     return 0
 
 
+_PROJECTIONS = {"q", "k", "v", "o", "gate", "up", "down"}
+
+
+def command_budget(args) -> int:
+    import yaml
+
+    from .budget import budget_markdown, budget_table, parse_count
+
+    budget = parse_count(args.params)
+    targets = [f"{t}_proj" if t in _PROJECTIONS else t for t in args.targets.split(",") if t]
+    settings: dict[str, dict] = {}
+    for spec in args.set:
+        key, sep, value = spec.partition("=")
+        method, dot, name = key.partition(".")
+        if not sep or not dot:
+            raise ValueError(f"--set {spec!r}: expected METHOD.FIELD=VALUE")
+        settings.setdefault(method, {})[name] = yaml.safe_load(value)
+    methods = args.methods.split(",") if args.methods else None
+    rows = budget_table(args.model, budget, targets, methods, settings, max_rank=args.max_rank)
+    print(budget_markdown(rows, budget))
+    return 0
+
+
 def _replaceable_quickstart(config) -> bool:
     """The quickstart replaces its own earlier runs (trained on the bundled sample, minutes to redo), never a run
     on other data that an override pointed it at."""
@@ -196,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "eval":
             return command_eval(args)
+        if args.command == "budget":
+            return command_budget(args)
         if args.command == "quickstart":
             config = load_config(recipe_path("quickstart"), _overrides(args))
             return command_train(config, resume=False, overwrite=args.overwrite or _replaceable_quickstart(config))

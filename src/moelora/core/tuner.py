@@ -87,8 +87,10 @@ class MoeLoraTuner(BaseTuner):
         self.add_auxiliary_losses_to_loss = True
         #: Detached values of the auxiliary terms of the last forward with labels, for logging.
         self.last_auxiliary_losses: dict[str, float] = {}
-        self.model.register_forward_hook(self._add_auxiliary_losses, with_kwargs=True)
-        self.model.register_forward_pre_hook(self._share_model_call, with_kwargs=True)
+        self._hooks = [
+            self.model.register_forward_hook(self._add_auxiliary_losses, with_kwargs=True),
+            self.model.register_forward_pre_hook(self._share_model_call, with_kwargs=True),
+        ]
 
     # --- injection ----------------------------------------------------------------------------------------
 
@@ -117,6 +119,13 @@ class MoeLoraTuner(BaseTuner):
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
+
+    def _unload_and_optionally_merge(self, *args: Any, **kwargs: Any) -> Any:
+        """PEFT's unload / merge_and_unload; once it succeeds the plain model keeps none of the tuner's hooks."""
+        result = super()._unload_and_optionally_merge(*args, **kwargs)
+        for hook in self._hooks:
+            hook.remove()
+        return result
 
     def _adapter_layers(self) -> list[tuple[str, MoeLoraLayer]]:
         return [(name, m) for name, m in self.model.named_modules() if isinstance(m, MoeLoraLayer)]
