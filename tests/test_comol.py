@@ -618,3 +618,12 @@ def test_defaults_follow_the_official_recipe():
 def test_invalid_config_fields_name_the_field(overrides, field):
     with pytest.raises(ValueError, match=rf"CoMoLConfig\.{field}\b"):
         CoMoLConfig(**overrides)
+
+
+def test_a_single_core_merges_exactly(model_factory, token_batch):
+    """E = 1 is CoRe / MoSLoRA: the gate is 1 for every token, so the update is input-independent and merges."""
+    config = CoMoLConfig(r=4, lora_alpha=8, num_experts=1, init_weights=False, target_modules=["q_proj", "v_proj"])
+    model = get_peft_model(model_factory(), config).eval()
+    expected = model(token_batch).logits
+    merged = model.merge_and_unload()
+    torch.testing.assert_close(merged(token_batch).logits, expected, rtol=1e-5, atol=1e-5)

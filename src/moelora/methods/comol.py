@@ -161,7 +161,7 @@ class CoMoLConfig(MoeLoraConfig):
 
 class CoMoLLinear(MoeLoraLayer):
     adapter_layer_names = ("comol_A", "comol_B", "comol_cores", "comol_router")
-    merge_unsupported_reason = "its merged core C(x) depends on each token through the router"
+    merge_unsupported_reason = "with more than one core, its merged core C(x) depends on each token through the router"
 
     def create_parameters(self, config: CoMoLConfig) -> dict[str, torch.Tensor]:
         e, r, d_in = config.num_experts, config.r, self.in_features
@@ -205,6 +205,14 @@ class CoMoLLinear(MoeLoraLayer):
                 z = (g.unsqueeze(-1) * h.unsqueeze(1)).reshape(tokens, e * r) @ cores.reshape(e * r, r)
             z = F.dropout(z, p_core, self.training)  # drop3
         return F.linear((z * config.scaling).to(x.dtype), B)
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """With one core (CoRe / MoSLoRA) the gate is 1 for every token: ΔW = s B C_1^T A merges exactly."""
+        config: CoMoLConfig = self.adapter_config[adapter_name]
+        if config.num_experts != 1:
+            return super().get_delta_weight(adapter_name)
+        core = self.comol_cores[adapter_name][0]
+        return config.scaling * self.comol_B[adapter_name] @ core.T @ self.comol_A[adapter_name]
 
     def auxiliary_losses(self, adapter_name: str) -> dict[str, torch.Tensor]:
         weight = self.adapter_config[adapter_name].core_orthogonal_loss_weight
