@@ -19,6 +19,7 @@ TINY_SETTINGS: dict[str, dict] = {
     "moslora": {},
     "comol": {"num_experts": 3},
     "teamlora": {"num_experts": 2},
+    "malora": {"num_experts": 3, "top_k": 2, "subspace_rank": 8},
     "peft_lora": {},
     "peft_dora": {},
 }

@@ -2,8 +2,8 @@
 
 from .config import MoeLoraConfig
 from .layer import MoeLoraLayer
-from .losses import pairwise_abs_cosine
-from .routing import RoutingRecorder
+from .losses import pairwise_abs_cosine, switch_load_balance
+from .routing import RoutingRecorder, top_k_renormalized
 from .tuner import CheckpointMismatchError, MoeLoraTuner
 
 __all__ = [
@@ -13,4 +13,6 @@ __all__ = [
     "MoeLoraTuner",
     "RoutingRecorder",
     "pairwise_abs_cosine",
+    "switch_load_balance",
+    "top_k_renormalized",
 ]

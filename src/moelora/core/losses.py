@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 
@@ -15,3 +17,14 @@ def pairwise_abs_cosine(experts: torch.Tensor, eps: float = 1e-6) -> torch.Tenso
     flat = experts.flatten(1).float()
     unit = flat / (flat.norm(dim=1, keepdim=True) + eps)
     return torch.triu(unit @ unit.T, diagonal=1).abs().sum()
+
+
+def switch_load_balance(
+    probs: torch.Tensor,
+    selected: torch.Tensor,
+    token_mean: Callable[[torch.Tensor], torch.Tensor] = lambda values: values.mean(0),
+) -> torch.Tensor:
+    """Switch / Mixtral load balance E * sum_i f_i P_i (baselines.md §2.3): f_i the fraction of tokens that
+    select expert i (a count, no gradient; sums to k), P_i its mean router probability. `token_mean` may leave
+    padding out (MoeLoraLayer.token_mean)."""
+    return probs.shape[-1] * (token_mean(selected) * token_mean(probs)).sum()

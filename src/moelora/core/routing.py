@@ -49,3 +49,11 @@ class RoutingRecorder:
 
     def reset(self) -> None:
         self.stats.clear()
+
+
+def top_k_renormalized(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense [tokens, E] weights that keep each token's k most probable experts, renormalised to sum to 1
+    (zeros elsewhere, so unselected experts get no gradient), and the 0/1 selection itself."""
+    top, index = probs.topk(k, dim=-1)
+    selected = torch.zeros_like(probs).scatter_(-1, index, 1.0)
+    return torch.zeros_like(probs).scatter(-1, index, top / top.sum(-1, keepdim=True)), selected

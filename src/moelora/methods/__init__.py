@@ -18,6 +18,7 @@ from .comol import CoMoLConfig, CoMoLLinear, CoMoLTuner
 from .d2mora import D2MoRAConfig, D2MoRALinear, D2MoRATuner
 from .hydralora import HydraLoRAConfig, HydraLoRALinear, HydraLoRATuner
 from .lora import LoraConfig, LoraLinear, LoraTuner
+from .malora import MALoRAConfig, MALoRALinear, MALoRATuner
 from .molora import MoLoRAConfig, MoLoRALinear, MoLoRATuner
 from .moslora import MoSLoRAConfig, MoSLoRALinear, MoSLoRATuner
 from .teamlora import TeamLoRAConfig, TeamLoRALinear, TeamLoRATuner
@@ -50,6 +51,7 @@ METHODS: dict[str, Method] = {
         Method("molora", MoLoRAConfig, MoLoRATuner, "MoLoRA: E routed LoRA experts, dense or top-k with balance loss"),
         Method("moslora", MoSLoRAConfig, MoSLoRATuner, "MoSLoRA: LoRA with a learnable r x r mixer (mergeable)"),
         Method("teamlora", TeamLoRAConfig, TeamLoRATuner, "TeamLoRA: block-split A, K B experts, interaction matrix"),
+        Method("malora", MALoRAConfig, MALoRATuner, "MALoRA: E routed experts over a shared down-projection subspace"),
         Method("peft_lora", peft.LoraConfig, None, "PEFT's own LoRA (peft.LoraConfig)", {"use_dora": False}),
         Method("peft_dora", peft.LoraConfig, None, "PEFT's DoRA (peft.LoraConfig, use_dora=True)", {"use_dora": True}),
     )
@@ -92,6 +94,9 @@ __all__ = [
     "LoraConfig",
     "LoraLinear",
     "LoraTuner",
+    "MALoRAConfig",
+    "MALoRALinear",
+    "MALoRATuner",
     "Method",
     "MoLoRAConfig",
     "MoLoRALinear",

@@ -55,6 +55,7 @@ from torch import nn
 from ..core.config import MoeLoraConfig, check_positive
 from ..core.layer import MoeLoraLayer
 from ..core.losses import pairwise_abs_cosine
+from ..core.routing import top_k_renormalized
 from ..core.tuner import CheckpointMismatchError, MoeLoraTuner
 
 CORE_PATHS = ("auto", "exact", "fast")
@@ -181,8 +182,7 @@ class CoMoLLinear(MoeLoraLayer):
         probs = torch.softmax(logits.float(), dim=-1)
         if top_k is None or top_k >= probs.shape[-1]:
             return probs
-        top, index = probs.topk(top_k, dim=-1)
-        return torch.zeros_like(probs).scatter(-1, index, top / top.sum(-1, keepdim=True))
+        return top_k_renormalized(probs, top_k)[0]
 
     def compute_delta(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         config: CoMoLConfig = self.adapter_config[adapter_name]

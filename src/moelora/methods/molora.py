@@ -44,6 +44,8 @@ import torch.nn.functional as F
 
 from ..core.config import MoeLoraConfig, check_positive
 from ..core.layer import MoeLoraLayer
+from ..core.losses import switch_load_balance
+from ..core.routing import top_k_renormalized
 from ..core.tuner import MoeLoraTuner
 
 
@@ -138,13 +140,11 @@ class MoLoRALinear(MoeLoraLayer):
     def _top_k_weights(self, p: torch.Tensor, config: MoLoRAConfig, adapter_name: str) -> torch.Tensor:
         """Dense [T, E] weights: the top-k probabilities renormalised to sum to 1, zeros elsewhere; in training
         also stores the weighted load-balancing term of this forward."""
-        top_p, top_i = p.topk(config.top_k, dim=-1)
+        weights, selected = top_k_renormalized(p, config.top_k)
         if self.training and config.load_balance_loss_weight > 0:
-            selected = torch.zeros_like(p).scatter_(-1, top_i, 1.0)
-            f = self.token_mean(selected, config.load_balance_mask_padding)  # selections / N_tokens, sums to k
-            balance = p.shape[-1] * (f * self.token_mean(p, config.load_balance_mask_padding)).sum()
+            balance = switch_load_balance(p, selected, lambda v: self.token_mean(v, config.load_balance_mask_padding))
             self.keep_for_auxiliary_loss(adapter_name, config.load_balance_loss_weight * balance)
-        return torch.zeros_like(p).scatter(-1, top_i, top_p / top_p.sum(-1, keepdim=True))
+        return weights
 
     def auxiliary_losses(self, adapter_name: str) -> dict[str, torch.Tensor]:
         term = self.kept_for_auxiliary_loss(adapter_name)
