@@ -20,6 +20,7 @@ TINY_SETTINGS: dict[str, dict] = {
     "comol": {"num_experts": 3},
     "teamlora": {"num_experts": 2},
     "malora": {"num_experts": 3, "top_k": 2, "subspace_rank": 8},
+    "smora": {"top_k": 2},
     "peft_lora": {},
     "peft_dora": {},
 }

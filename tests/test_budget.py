@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from transformers import LlamaConfig
 
-from moelora.budget import budget_markdown, budget_table, parse_count
+from moelora import METHODS
+from moelora.budget import budget_markdown, budget_table, count_trainable, meta_model, parse_count
 from moelora.cli import main
+from moelora.config import load_config
 
 
 @pytest.fixture(scope="module")
@@ -60,3 +64,20 @@ def test_cli_prints_the_table(llama7b_shapes, capsys):
     )
     out = capsys.readouterr().out
     assert "| d2mora |" in out and "35,788,800" in out and "'num_down_experts': 3" in out
+
+
+COMPARE = Path(__file__).parents[1] / "configs" / "compare" / "llama7b_35.8M"
+
+
+def test_comparison_configs_are_within_the_budget(llama7b_shapes):
+    """configs/compare/llama7b_35.8M: every method's config builds, and its count is the one in its header,
+    within the D2MoRA {3, 8, 8} budget."""
+    files = sorted(COMPARE.glob("*.yaml"))
+    assert {f.stem for f in files} == set(METHODS)
+    model = meta_model(llama7b_shapes)
+    for path in files:
+        config = load_config(path)
+        count = count_trainable(model, config.method, config.adapter)
+        header = path.read_text().splitlines()[0]
+        assert f"{count:,} trainable parameters" in header, path.name
+        assert count <= 35_800_000

@@ -14,6 +14,7 @@ from .methods import (
     MALoRAConfig,
     MoLoRAConfig,
     MoSLoRAConfig,
+    SMoRAConfig,
     TeamLoRAConfig,
     get_method,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "MoeLoraConfig",
     "MoeLoraLayer",
     "MoeLoraTuner",
+    "SMoRAConfig",
     "TeamLoRAConfig",
     "get_method",
 ]

@@ -14,7 +14,7 @@ from peft import mapping as _peft_mapping
 from peft.tuners import tuners_utils as _tuners_utils
 from torch import nn
 
-__all__ = ["adapter_state_dict", "check_target_module_exists", "register_peft_method"]
+__all__ = ["adapter_state_dict", "check_target_module_exists", "keep_frozen", "register_peft_method"]
 
 check_target_module_exists = _tuners_utils.check_target_module_exists
 
@@ -33,3 +33,14 @@ def adapter_state_dict(model: nn.Module, adapter_name: str) -> dict[str, torch.T
     """The entries of `model.state_dict()` that belong to `adapter_name`, found structurally like PEFT does."""
     prefixes = _tuners_utils._get_tuner_state_dict_key_prefixes(model, adapter_name=adapter_name)
     return _tuners_utils._filter_state_dict_by_key_prefixes(model.state_dict(), prefixes)
+
+
+def keep_frozen(layer: _tuners_utils.BaseTunerLayer, adapter_name: str, names: tuple[str, ...]) -> None:
+    """Adapter tensors that are saved state rather than trained weights (SMoRA's routing bias): PEFT re-freezes
+    the names in `frozen_peft_weight_names` after every path that marks adapter weights trainable (injection,
+    set_adapter, from_pretrained(is_trainable=True)). A per-instance copy, as PEFT's own variants make, so the
+    class attribute shared by all tuner layers stays untouched."""
+    frozen = dict(layer.frozen_peft_weight_names)
+    frozen[adapter_name] = tuple(dict.fromkeys(frozen.get(adapter_name, ()) + names))
+    layer.frozen_peft_weight_names = frozen
+    layer._freeze_non_trainable_peft_weights(adapter_name)

@@ -27,6 +27,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
+from ..peft_compat import keep_frozen
 from .config import MoeLoraConfig
 from .routing import RoutingRecorder
 
@@ -51,6 +52,8 @@ class _ForwardValues(dict):
 
 class MoeLoraLayer(nn.Module, BaseTunerLayer):
     adapter_layer_names: tuple[str, ...] = ()
+    #: Those of `adapter_layer_names` that are saved state, not trained weights: never given gradients.
+    state_layer_names: tuple[str, ...] = ()
     other_param_names: tuple[str, ...] = ("adapter_config",)
     #: Why `merge` is impossible for this method; methods with an input-independent update override
     #: `get_delta_weight` instead.
@@ -122,6 +125,8 @@ class MoeLoraLayer(nn.Module, BaseTunerLayer):
         for name, tensor in self.create_parameters(config).items():
             getattr(self, name)[adapter_name] = nn.Parameter(tensor)
         self._move_adapter_to_device_of_base_layer(adapter_name)
+        if self.state_layer_names:
+            keep_frozen(self, adapter_name, self.state_layer_names)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
     def new_tensor(self, *shape: int) -> torch.Tensor:

@@ -21,6 +21,7 @@ from .lora import LoraConfig, LoraLinear, LoraTuner
 from .malora import MALoRAConfig, MALoRALinear, MALoRATuner
 from .molora import MoLoRAConfig, MoLoRALinear, MoLoRATuner
 from .moslora import MoSLoRAConfig, MoSLoRALinear, MoSLoRATuner
+from .smora import SMoRAConfig, SMoRALinear, SMoRATuner
 from .teamlora import TeamLoRAConfig, TeamLoRALinear, TeamLoRATuner
 
 
@@ -52,6 +53,7 @@ METHODS: dict[str, Method] = {
         Method("moslora", MoSLoRAConfig, MoSLoRATuner, "MoSLoRA: LoRA with a learnable r x r mixer (mergeable)"),
         Method("teamlora", TeamLoRAConfig, TeamLoRATuner, "TeamLoRA: block-split A, K B experts, interaction matrix"),
         Method("malora", MALoRAConfig, MALoRATuner, "MALoRA: E routed experts over a shared down-projection subspace"),
+        Method("smora", SMoRAConfig, SMoRATuner, "SMoRA: each rank is an expert, top-k of R ranks, loss-free bias"),
         Method("peft_lora", peft.LoraConfig, None, "PEFT's own LoRA (peft.LoraConfig)", {"use_dora": False}),
         Method("peft_dora", peft.LoraConfig, None, "PEFT's DoRA (peft.LoraConfig, use_dora=True)", {"use_dora": True}),
     )
@@ -104,6 +106,9 @@ __all__ = [
     "MoSLoRAConfig",
     "MoSLoRALinear",
     "MoSLoRATuner",
+    "SMoRAConfig",
+    "SMoRALinear",
+    "SMoRATuner",
     "TeamLoRAConfig",
     "TeamLoRALinear",
     "TeamLoRATuner",
