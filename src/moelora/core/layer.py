@@ -142,6 +142,20 @@ class MoeLoraLayer(nn.Module, BaseTunerLayer):
         bound = 1.0 / math.sqrt(fan_in)
         return self.new_tensor(*shape).uniform_(-bound, bound)
 
+    def up_init(self, *shape: int, config: MoeLoraConfig) -> torch.Tensor:
+        """An up-projection: zero, so the update is zero at init; small random values with
+        `init_weights=False` (tests of non-trivial outputs)."""
+        up = self.new_tensor(*shape)
+        return up.zero_() if config.init_weights else up.normal_(std=0.02)
+
+    def softmax_router(self, x: torch.Tensor, weight: torch.Tensor, key: str) -> torch.Tensor:
+        """softmax(x W^T) over the experts, in fp32 with autocast off whatever the input dtype; recorded as the
+        router statistics `key` when recording is on."""
+        with torch.autocast(x.device.type, enabled=False):
+            probs = torch.softmax(torch.nn.functional.linear(x.float(), weight.float()), dim=-1)
+        self.routing.record(key, probs)
+        return probs
+
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
         """Follow the base layer's device but keep adapter weights in fp32 (the master weights)."""
         target = device if device is not None else self.get_base_layer().weight.device

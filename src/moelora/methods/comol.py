@@ -166,8 +166,7 @@ class CoMoLLinear(MoeLoraLayer):
 
     def create_parameters(self, config: CoMoLConfig) -> dict[str, torch.Tensor]:
         e, r, d_in = config.num_experts, config.r, self.in_features
-        up = self.new_tensor(self.out_features, r)
-        up.zero_() if config.init_weights else up.normal_(std=0.02)
+        up = self.up_init(self.out_features, r, config=config)
         router_in = r if config.core_router else d_in
         return {
             "comol_A": self.linear_init(r, d_in, fan_in=d_in),

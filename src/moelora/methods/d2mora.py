@@ -67,8 +67,7 @@ class D2MoRALinear(MoeLoraLayer):
 
     def create_parameters(self, config: D2MoRAConfig) -> dict[str, torch.Tensor]:
         m, n, r, d_in = config.num_down_experts, config.num_up_experts, config.r, self.in_features
-        up = self.new_tensor(n, self.out_features, r)
-        up.zero_() if config.init_weights else up.normal_(std=0.02)
+        up = self.up_init(n, self.out_features, r, config=config)
         return {
             "d2mora_A": self.linear_init(m, r, d_in, fan_in=d_in),
             "d2mora_B": up,
@@ -81,9 +80,7 @@ class D2MoRALinear(MoeLoraLayer):
         A, B = self.d2mora_A[adapter_name], self.d2mora_B[adapter_name]  # [M, r, d_in], [N, d_out, r]
         (m, r, d_in), n, tokens = A.shape, B.shape[0], x.shape[0]
 
-        with torch.autocast(x.device.type, enabled=False):
-            p = torch.softmax(F.linear(x.float(), self.d2mora_router_A[adapter_name].float()), dim=-1)  # [T, M]
-        self.routing.record(f"{adapter_name}/router_A", p)
+        p = self.softmax_router(x, self.d2mora_router_A[adapter_name], f"{adapter_name}/router_A")  # [T, M]
 
         if self.training and config.lora_dropout > 0 and not config.shared_dropout_mask:
             dropped = F.dropout(x.expand(m, tokens, d_in), config.lora_dropout, training=True)  # [M, T, d_in]
@@ -93,9 +90,7 @@ class D2MoRALinear(MoeLoraLayer):
             projections = F.linear(dropped, A.reshape(m * r, d_in)).view(tokens, m, r)
         z = (p.unsqueeze(-1) * projections.float()).sum(1)  # [T, r], fp32
 
-        with torch.autocast(x.device.type, enabled=False):
-            q = torch.softmax(F.linear(z, self.d2mora_router_B[adapter_name].float()), dim=-1)  # [T, N]
-        self.routing.record(f"{adapter_name}/router_B", q)
+        q = self.softmax_router(z, self.d2mora_router_B[adapter_name], f"{adapter_name}/router_B")  # [T, N]
 
         mixed = (q.unsqueeze(-1) * z.unsqueeze(1) * config.scaling).reshape(tokens, n * r)  # vec(q ⊗ z), j-major
         return F.linear(mixed.to(x.dtype), B.transpose(0, 1).reshape(B.shape[1], n * r))

@@ -62,8 +62,7 @@ class HydraLoRALinear(MoeLoraLayer):
 
     def create_parameters(self, config: HydraLoRAConfig) -> dict[str, torch.Tensor]:
         k, r, d_in = config.num_experts, config.r, self.in_features
-        heads = self.new_tensor(k, self.out_features, r)
-        heads.zero_() if config.init_weights else heads.normal_(std=0.02)
+        heads = self.up_init(k, self.out_features, r, config=config)
         return {
             "hydra_A": self.linear_init(r, d_in, fan_in=d_in),
             "hydra_B": heads,
@@ -75,9 +74,7 @@ class HydraLoRALinear(MoeLoraLayer):
         A, B = self.hydra_A[adapter_name], self.hydra_B[adapter_name]  # [r, d_in], [K, d_out, r]
         (k, d_out, r), tokens = B.shape, x.shape[0]
 
-        with torch.autocast(x.device.type, enabled=False):
-            g = torch.softmax(F.linear(x.float(), self.hydra_router[adapter_name].float()), dim=-1)  # [T, K]
-        self.routing.record(f"{adapter_name}/router", g)
+        g = self.softmax_router(x, self.hydra_router[adapter_name], f"{adapter_name}/router")  # [T, K]
 
         if self.training and config.lora_dropout > 0 and not config.shared_dropout_mask:
             dropped = F.dropout(x.expand(k, tokens, x.shape[1]), config.lora_dropout, training=True)  # [K, T, d_in]

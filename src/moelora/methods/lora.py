@@ -31,8 +31,7 @@ class LoraLinear(MoeLoraLayer):
     merge_unsupported_reason = ""
 
     def create_parameters(self, config: LoraConfig) -> dict[str, torch.Tensor]:
-        lora_b = self.new_tensor(self.out_features, config.r)
-        lora_b.zero_() if config.init_weights else lora_b.normal_(std=0.02)
+        lora_b = self.up_init(self.out_features, config.r, config=config)
         return {"lora_A": self.linear_init(config.r, self.in_features, fan_in=self.in_features), "lora_B": lora_b}
 
     def compute_delta(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:

@@ -120,8 +120,7 @@ class MALoRALinear(MoeLoraLayer):
 
     def create_parameters(self, config: MALoRAConfig) -> dict[str, torch.Tensor]:
         e, r, d_s, d_in = config.num_experts, config.r, config.subspace_rank, self.in_features
-        up = self.new_tensor(e, self.out_features, r)
-        up.zero_() if config.init_weights else up.normal_(std=0.02)
+        up = self.up_init(e, self.out_features, r, config=config)
         return {
             "malora_S": self.linear_init(d_s, d_in, fan_in=d_in),  # S_A, shared by the experts
             "malora_P": self.linear_init(e, r, d_s, fan_in=d_s),  # P_t stacked
@@ -134,9 +133,7 @@ class MALoRALinear(MoeLoraLayer):
         S, P, B = self.malora_S[adapter_name], self.malora_P[adapter_name], self.malora_B[adapter_name]
         (e, r, d_s), d_out, tokens = P.shape, B.shape[1], x.shape[0]
 
-        with torch.autocast(x.device.type, enabled=False):
-            p = torch.softmax(F.linear(x.float(), self.malora_router[adapter_name].float()), dim=-1)  # [T, E]
-        self.routing.record(f"{adapter_name}/router", p)
+        p = self.softmax_router(x, self.malora_router[adapter_name], f"{adapter_name}/router")  # [T, E]
         w = p if config.top_k is None else self._top_k_weights(p, config, adapter_name)
 
         u = F.linear(F.dropout(x, config.lora_dropout, self.training), S)  # [T, d_s], once for all experts

@@ -110,8 +110,7 @@ class MoLoRALinear(MoeLoraLayer):
 
     def create_parameters(self, config: MoLoRAConfig) -> dict[str, torch.Tensor]:
         e, r, d_in = config.num_experts, config.r, self.in_features
-        up = self.new_tensor(e, self.out_features, r)
-        up.zero_() if config.init_weights else up.normal_(std=0.02)
+        up = self.up_init(e, self.out_features, r, config=config)
         return {
             "molora_A": self.linear_init(e, r, d_in, fan_in=d_in),
             "molora_B": up,
@@ -123,9 +122,7 @@ class MoLoRALinear(MoeLoraLayer):
         A, B = self.molora_A[adapter_name], self.molora_B[adapter_name]  # [E, r, d_in], [E, d_out, r]
         (e, r, d_in), d_out, tokens = A.shape, B.shape[1], x.shape[0]
 
-        with torch.autocast(x.device.type, enabled=False):
-            p = torch.softmax(F.linear(x.float(), self.molora_router[adapter_name].float()), dim=-1)  # [T, E]
-        self.routing.record(f"{adapter_name}/router", p)
+        p = self.softmax_router(x, self.molora_router[adapter_name], f"{adapter_name}/router")  # [T, E]
         w = p if config.top_k is None else self._top_k_weights(p, config, adapter_name)
 
         if self.training and config.lora_dropout > 0 and not config.shared_dropout_mask:

@@ -32,8 +32,7 @@ class MoSLoRALinear(MoeLoraLayer):
 
     def create_parameters(self, config: MoSLoRAConfig) -> dict[str, torch.Tensor]:
         r = config.r
-        lora_b = self.new_tensor(self.out_features, r)
-        lora_b.zero_() if config.init_weights else lora_b.normal_(std=0.02)
+        lora_b = self.up_init(self.out_features, r, config=config)
         return {
             "moslora_A": self.linear_init(r, self.in_features, fan_in=self.in_features),
             "moslora_mixer": self.linear_init(r, r, fan_in=r),

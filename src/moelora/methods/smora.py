@@ -143,8 +143,7 @@ class SMoRALinear(MoeLoraLayer):
 
     def create_parameters(self, config: SMoRAConfig) -> dict[str, torch.Tensor]:
         r, d_in = config.r, self.in_features
-        up = self.new_tensor(self.out_features, r)
-        up.zero_() if config.init_weights else up.normal_(std=0.02)
+        up = self.up_init(self.out_features, r, config=config)
         return {
             "smora_A": self.linear_init(r, d_in, fan_in=d_in),
             "smora_B": up,

@@ -127,8 +127,7 @@ class TeamLoRALinear(MoeLoraLayer):
 
     def create_parameters(self, config: TeamLoRAConfig) -> dict[str, torch.Tensor]:
         k, r, d_in = config.num_experts, config.r, self.in_features
-        up = self.new_tensor(self.out_features, r)  # columns k*r_b..(k+1)*r_b hold B_k
-        up.zero_() if config.init_weights else up.normal_(std=0.02)
+        up = self.up_init(self.out_features, r, config=config)  # columns k*r_b..(k+1)*r_b hold B_k
         interaction = self.new_tensor(k, k).uniform_(-config.interaction_init_range, config.interaction_init_range)
         interaction.fill_diagonal_(0.0)
         return {
