@@ -1,0 +1,183 @@
+"""lm-evaluation-harness as a second, independent evaluator of the commonsense tasks (commonsense_protocol.md §6).
+
+The same local LLM-Adapters test files and the same in-memory model (moelora adapters included) go through
+lm-eval's own request building, batching, scoring and metrics, so a bug in moelora's evaluator would show up
+as a disagreement between the two:
+
+- `likelihood` → lm-eval `multiple_choice`: context = the exact evaluation prompt, choices = "the correct
+  answer is <label>" for the labels offered by the item (the targets the model was trained to write), gold =
+  the index of the record's answer; lm-eval's `acc` (sum of continuation log-probabilities) picks the best
+  choice, which is moelora's likelihood protocol computed independently.
+- `generate` → lm-eval `generate_until`: the same prompt, beam search (4 beams, 32 new tokens, greedy with
+  `num_beams=1`), no stop string but EOS, then lm-eval's `regex` filter with the task's label alternation and
+  `take_first`, scored by `exact_match` against the answer: the LLM-Adapters protocol.
+
+Nothing is downloaded: each task is a YAML in a temporary include directory whose documents are a JSONL file
+written here (the `json` builder ships with `datasets`). Results come back as moelora `EvalResult`s, labelled
+`lm-eval-likelihood` or `lm-eval-generate`, and are written in the same JSON/JSONL format.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .data import load_records
+from .evaluation import EvalResult, candidate_labels, write_result
+from .tasks import EVAL_TEMPLATE, TASKS, Task, get_task
+
+HARNESS_PROTOCOLS = ("likelihood", "generate")
+
+
+def _import_lm_eval():
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError as error:  # an optional dependency: say how to get it
+        raise ImportError(
+            "the lm-eval harness is not installed; install it with `pip install 'moelora[harness]'`"
+        ) from error
+    return lm_eval, HFLM, TaskManager
+
+
+def _harness_task_name(task: Task, protocol: str) -> str:
+    return f"moelora_{task.name.lower().replace('-', '_')}_{protocol}"
+
+
+def _write_task(task: Task, records: list[dict], protocol: str, folder: Path, generation: dict[str, Any]) -> str:
+    """Write one task's documents (JSONL) and its lm-eval YAML into `folder`; return the task name."""
+    name = _harness_task_name(task, protocol)
+    documents = folder / f"{name}.jsonl"
+    with open(documents, "w") as handle:
+        for index, record in enumerate(records):
+            labels = candidate_labels(task, record["instruction"])
+            answer = record.get("answer", "")
+            document = {
+                "index": index,
+                "query": EVAL_TEMPLATE.format(instruction=record["instruction"]),
+                "answer": answer,
+                "labels": labels,
+                "choices": [f"the correct answer is {label}" for label in labels],
+                # -1 when the answer is not among the offered labels: no choice can be right, as in moelora
+                "gold": labels.index(answer) if answer in labels else -1,
+            }
+            handle.write(json.dumps(document) + "\n")
+    spec: dict[str, Any] = {
+        "task": name,
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(documents)}},
+        "test_split": "test",
+        "doc_to_text": "query",
+        # the prompt ends where the model writes: no separator between it and the continuation
+        "target_delimiter": "",
+    }
+    if protocol == "likelihood":
+        spec |= {
+            "output_type": "multiple_choice",
+            "doc_to_choice": "choices",
+            "doc_to_target": "gold",
+            "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
+        }
+    else:
+        spec |= {
+            "output_type": "generate_until",
+            "doc_to_target": "answer",
+            "generation_kwargs": generation,
+            "filter_list": [
+                {
+                    "name": "first_label",
+                    "filter": [
+                        {"function": "regex", "regex_pattern": f"({task.pattern.pattern})"},
+                        {"function": "take_first"},
+                    ],
+                }
+            ],
+            "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}],
+        }
+    (folder / f"{name}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    return name
+
+
+def _prediction_rows(task: Task, protocol: str, samples: list[dict]) -> list[dict[str, Any]]:
+    rows = []
+    for sample in sorted(samples, key=lambda s: s["doc"]["index"]):
+        document = sample["doc"]
+        if protocol == "likelihood":
+            scores = [float(response[0]) for response in sample["filtered_resps"]]
+            best = max(range(len(scores)), key=scores.__getitem__)
+            out = {"prediction": document["labels"][best], "scores": dict(zip(document["labels"], scores, strict=True))}
+        else:
+            generated = sample["resps"][0][0]
+            prediction = sample["filtered_resps"][0]
+            out = {"output": generated, "prediction": prediction if prediction in task.labels else ""}
+        rows.append(
+            {
+                "index": document["index"],
+                "answer": document["answer"],
+                **out,
+                "correct": out["prediction"] == document["answer"],
+            }
+        )
+    return rows
+
+
+def evaluate_with_lm_eval(
+    model,
+    tokenizer,
+    test_files: Mapping[str, str | Path],
+    *,
+    protocol: str = "likelihood",
+    batch_size: int = 8,
+    max_items: int | None = None,
+    num_beams: int = 4,
+    max_new_tokens: int = 32,
+    output_dir: str | Path | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> EvalResult:
+    """Accuracy per task computed by lm-evaluation-harness on an in-memory model (a PeftModel works)."""
+    if protocol not in HARNESS_PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; choose from {', '.join(HARNESS_PROTOCOLS)}")
+    lm_eval, HFLM, TaskManager = _import_lm_eval()
+    model.eval()
+    loaded = {}
+    for name, path in test_files.items():
+        records = load_records(path, get_task(name).name)
+        loaded[name] = records[:max_items] if max_items is not None else records
+    with tempfile.TemporaryDirectory(prefix="moelora-lm-eval-") as folder:
+        # no stop string but EOS, as LLM-Adapters (lm-eval would otherwise stop at its few-shot delimiter)
+        generation = {"until": [], "max_gen_toks": max_new_tokens, "do_sample": False, "num_beams": num_beams}
+        harness_names = {
+            name: _write_task(TASKS[name], records, protocol, Path(folder), generation)
+            for name, records in loaded.items()
+        }
+        language_model = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        started = time.perf_counter()
+        output = lm_eval.simple_evaluate(
+            model=language_model,
+            tasks=list(harness_names.values()),
+            task_manager=TaskManager(include_path=folder),
+            log_samples=True,
+            bootstrap_iters=0,
+        )
+        elapsed = time.perf_counter() - started
+    metric = "acc,none" if protocol == "likelihood" else "exact_match,first_label"
+    accuracy, counts, predictions = {}, {}, {}
+    for name, harness_name in harness_names.items():
+        # lm-eval's own metric is the accuracy; the rows only record what it predicted per item
+        accuracy[name] = 100.0 * float(output["results"][harness_name][metric])
+        predictions[name] = _prediction_rows(TASKS[name], protocol, output["samples"][harness_name])
+        counts[name] = len(predictions[name])
+    total = sum(counts.values())
+    info = {"evaluator": f"lm-eval {lm_eval.__version__}", **(metadata or {})}
+    result = EvalResult(f"lm-eval-{protocol}", accuracy, counts, total / elapsed if elapsed else float("nan"), info)
+    result.predictions = predictions
+    if output_dir is not None:
+        write_result(result, Path(output_dir))
+    return result
