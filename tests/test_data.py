@@ -26,6 +26,7 @@ from moelora.data import (
     load_mixture,
     load_records,
     parse_sources,
+    shuffle_answers,
     tokenize_record,
 )
 from moelora.tasks import TASKS
@@ -339,6 +340,33 @@ def test_mixture_caps_tags_and_seed(tmp_path: Path) -> None:
         r["instruction"] for r in mixture if r["task"] == "boolq"
     }
     assert [r["task"] for r in mixture] != ["boolq"] * 10 + ["piqa"] * 40  # shuffled, not concatenated
+
+
+def test_shuffled_label_control_permutes_answers_within_each_task() -> None:
+    mixture = load_mixture(list(bundled_train_sources(include_approx=False).values()), seed=3)
+    shuffled = shuffle_answers(mixture, seed=3)
+
+    assert shuffle_answers(mixture, seed=3) == shuffled and shuffle_answers(mixture, seed=4) != shuffled
+    moved = 0
+    for before, after in zip(mixture, shuffled, strict=True):
+        assert {k: v for k, v in after.items() if k not in ("output", "answer")} == {
+            k: v for k, v in before.items() if k not in ("output", "answer")
+        }
+        assert after["output"].endswith(after["answer"]) and after["answer"] in TASKS[after["task"]].labels
+        assert after["output"].removesuffix(after["answer"]) == before["output"].removesuffix(before["answer"])
+        moved += after["answer"] != before["answer"]
+    for task in {r["task"] for r in mixture}:  # the label frequencies of each task are kept
+        assert sorted(r["answer"] for r in shuffled if r["task"] == task) == sorted(
+            r["answer"] for r in mixture if r["task"] == task
+        )
+    assert moved > len(mixture) / 3  # the answers no longer follow their questions
+
+
+def test_shuffled_label_control_needs_tasks_and_answers() -> None:
+    with pytest.raises(DataError, match="record 1: the shuffled-label control needs a task and an answer"):
+        shuffle_answers([{**RECORD, "task": "boolq"}, {**RECORD, "task": None}])
+    with pytest.raises(DataError, match="record 0 .task boolq.: output 'yes' does not name its answer"):
+        shuffle_answers([{**RECORD, "output": "yes", "task": "boolq"}])
 
 
 def test_mixture_validates_labels_per_task(tmp_path: Path) -> None:

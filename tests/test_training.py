@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from moelora import METHODS
 from moelora.config import load_config
 from moelora.data import bundled_train_sources
-from moelora.training import NonFiniteLossError, train
+from moelora.training import RUN_CONFIG_NAME, NonFiniteLossError, train
 
 
 def make_config(output_dir, **training):
@@ -265,3 +265,28 @@ def test_peft_native_methods_use_peft_configs_and_moelora_targets(tiny_model_dir
     assert method_name_of(build_adapter_config("lora", {"r": 4})) == "lora"
     with pytest.raises(ValueError, match="fixes"):
         build_adapter_config("peft_lora", {"use_dora": True})
+
+
+def test_shuffled_label_control_trains_on_permuted_answers(tmp_path, tiny_model_dir, monkeypatch):
+    import moelora.training
+
+    seen = []
+
+    def capture(records, *args, **kwargs):
+        seen.append(list(records))
+        return build_datasets(records, *args, **kwargs)
+
+    build_datasets = moelora.training.build_datasets
+    monkeypatch.setattr(moelora.training, "build_datasets", capture)
+    config = make_config(tmp_path / "plain", max_steps=1)
+    train(config, *load(tiny_model_dir))
+    config = make_config(tmp_path / "control", max_steps=1)
+    config.data.shuffled_label_control = True
+    train(config, *load(tiny_model_dir))
+
+    plain, control = seen
+    assert [r["instruction"] for r in plain] == [r["instruction"] for r in control]
+    assert [r["answer"] for r in plain] != [r["answer"] for r in control]
+    assert all(r["output"].endswith(r["answer"]) for r in control)
+    saved = load_config(tmp_path / "control" / RUN_CONFIG_NAME)
+    assert saved.data.shuffled_label_control is True

@@ -32,6 +32,13 @@ class DataConfig:
     cutoff_len: int = field(default=256, metadata={"help": "Maximum tokens per training example."})
     train_on_inputs: bool = field(default=True, metadata={"help": "Loss on the prompt too (the papers' default)."})
     template: str = field(default="d2mora", metadata={"help": "Training template: d2mora | llm_adapters."})
+    shuffled_label_control: bool = field(
+        default=False,
+        metadata={
+            "help": "Control run: permute the answers within each task before training (a leak check; the "
+            "tuned model must then score at its label-prior level)."
+        },
+    )
 
 
 @dataclass

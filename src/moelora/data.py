@@ -220,6 +220,37 @@ def load_mixture(sources: SourceSpec | Sequence[SourceSpec], seed: int = 42) -> 
     return mixture
 
 
+def shuffle_answers(records: Sequence[Mapping[str, Any]], seed: int = 42) -> list[dict[str, Any]]:
+    """The shuffled-label control: within each task, permute the answers among the records and rewrite each
+    output to name its new answer. Label frequencies stay as they were, but no answer is tied to its question
+    any more, so a model trained on this set must score at the level of its label prior; a clearly higher
+    score means the evaluation leaks answers.
+
+    Every record needs a known task and an `answer` that its `output` names.
+    """
+    by_task: dict[str, list[int]] = {}
+    for index, record in enumerate(records):
+        task, answer = record.get("task"), record.get("answer")
+        if task is None or not answer:
+            raise DataError(
+                f"record {index}: the shuffled-label control needs a task and an answer for every record "
+                f"(task {task!r}, answer {answer!r})"
+            )
+        if answer not in record["output"]:
+            raise DataError(f"record {index} (task {task}): output {record['output']!r} does not name its answer")
+        by_task.setdefault(task, []).append(index)
+    shuffled = [dict(record) for record in records]
+    rng = random.Random(seed)
+    for indices in by_task.values():
+        answers = [records[i]["answer"] for i in indices]
+        rng.shuffle(answers)
+        for i, answer in zip(indices, answers, strict=True):
+            old = records[i]["answer"]
+            head, _, tail = records[i]["output"].rpartition(old)  # the last mention is the stated answer
+            shuffled[i]["output"], shuffled[i]["answer"] = head + answer + tail, answer
+    return shuffled
+
+
 # ------------------------------------------------------------------------------------ prompts and tokens
 
 

@@ -35,7 +35,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from .config import RunConfig, coerce_float_strings, config_from_dict, load_config, resolve_train_files
 from .core.tuner import MoeLoraTuner, resolve_default_targets
-from .data import build_datasets, load_mixture, parse_sources
+from .data import build_datasets, load_mixture, parse_sources, shuffle_answers
 from .methods import get_method
 
 RUN_CONFIG_NAME = "moelora_run.yaml"
@@ -266,6 +266,8 @@ def train(
     if cap is not None:
         sources = [replace(s, max_records=cap if s.max_records is None else s.max_records) for s in sources]
     records = load_mixture(sources, seed=config.training.seed)
+    if config.data.shuffled_label_control:
+        records = shuffle_answers(records, seed=config.training.seed)
     train_set, val_set = build_datasets(
         records,
         tokenizer,
