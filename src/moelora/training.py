@@ -229,6 +229,9 @@ def training_arguments(config: RunConfig, has_validation: bool) -> TrainingArgum
         bf16=t.precision == "bf16",
         fp16=t.precision == "fp16",
         gradient_checkpointing=t.gradient_checkpointing,
+        # reentrant checkpointing runs the first forward without autograd: auxiliary losses of routed methods
+        # (load balance) would then get no gradient, and it needs input embeddings that require grad
+        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
         dataloader_num_workers=t.dataloader_num_workers,
         train_sampling_strategy=t.train_sampling,
         ddp_find_unused_parameters=False,
@@ -278,8 +281,6 @@ def train(
         template=config.data.template,
     )
     peft_model = build_peft_model(model, config)
-    if config.training.gradient_checkpointing:
-        peft_model.enable_input_require_grads()
     monitor = MoeLoraCallback(peft_model)
     trainer = Trainer(
         model=peft_model,

@@ -158,10 +158,25 @@ class MoeLoraTuner(BaseTuner):
         if kwargs.get("labels") is None or loss is None or not self.add_auxiliary_losses_to_loss:
             return outputs
         terms = self.auxiliary_losses()
+        if torch.is_grad_enabled() and any(not value.requires_grad for value in terms.values()):
+            self._check_auxiliary_losses_can_train(terms)
         if terms:
             outputs.loss = loss + sum(value.to(loss.dtype) for value in terms.values())
             self.last_auxiliary_losses = {term: float(value.detach()) for term, value in terms.items()}
         return outputs
+
+    def _check_auxiliary_losses_can_train(self, terms: dict[str, torch.Tensor]) -> None:
+        """A term without a graph in a forward that builds one: the layers kept their values in a pass run without
+        gradients, which is what reentrant activation checkpointing does (it recomputes with gradients only in
+        backward, after the loss is formed). The term would then train nothing, silently."""
+        if not any(p.requires_grad for _, layer in self._adapter_layers() for p in layer.parameters()):
+            return  # nothing to train: a loss without a graph is expected
+        dead = sorted(term for term, value in terms.items() if not value.requires_grad)
+        raise RuntimeError(
+            f"auxiliary loss(es) {dead} have no gradient: the adapter layers ran without autograd in this forward, "
+            "as under reentrant gradient checkpointing; use non-reentrant checkpointing "
+            '(gradient_checkpointing_kwargs={"use_reentrant": False}), which moelora train does'
+        )
 
     # --- router statistics --------------------------------------------------------------------------------
 
