@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -239,6 +240,17 @@ def training_arguments(config: RunConfig, has_validation: bool) -> TrainingArgum
     )
 
 
+def check_requested_sharding(distributed_type: str) -> None:
+    """accelerate falls back to plain data parallelism when an FSDP or DeepSpeed launch config meets a machine
+    without GPUs; a run that silently trains unsharded is not the run that was asked for."""
+    for variable, wanted in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DEEPSPEED")):
+        if os.environ.get(variable, "false").lower() == "true" and distributed_type != wanted:
+            raise RuntimeError(
+                f"the accelerate launch config asks for {wanted}, but accelerate set up {distributed_type} "
+                f"(accelerate enables {wanted} on GPUs only); launch with configs/accelerate/ddp.yaml on CPU"
+            )
+
+
 def training_collator(tokenizer: PreTrainedTokenizerBase) -> DataCollatorForSeq2Seq:
     """Pads training batches on the right, whatever the tokenizer's side (left, for generation).
 
@@ -291,6 +303,7 @@ def train(
         processing_class=tokenizer,
         callbacks=callbacks,
     )
+    check_requested_sharding(trainer.accelerator.distributed_type.value)
     # First, so the values it adds to the logs reach the reporting callbacks (TensorBoard) after it.
     trainer.callback_handler.callbacks.insert(0, monitor)
     # The official recipe (transformers 4.36) averages the loss per micro-batch and divides by the
@@ -312,6 +325,8 @@ def train(
     runtime = metrics.get("train_runtime") or math.nan
     metrics["train_tokens_per_second"] = monitor.tokens_seen / runtime if runtime else math.nan
     metrics["trainable_parameters"] = peft_model.get_nb_trainable_parameters()[0]
+    metrics["distributed_type"] = str(trainer.accelerator.distributed_type.value)
+    metrics["world_size"] = trainer.accelerator.num_processes
     if trainer.is_world_process_zero():
         (Path(config.training.output_dir) / "train_metrics.json").write_text(json.dumps(metrics, indent=2))
     return TrainResult(peft_model, Path(config.training.output_dir), metrics)
