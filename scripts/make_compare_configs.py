@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from moelora.budget import budget_table, parse_count, structure
+from moelora.training import build_adapter_config
 
 
 def main() -> None:
@@ -37,6 +38,12 @@ def main() -> None:
         adapter = {**structure(row.method, row.settings), "lora_alpha": 2 * row.settings["r"]}
         adapter = {k: v for k, v in adapter.items() if v is not None}
         adapter.update(lora_dropout=recipe["adapter"].get("lora_dropout", 0.05), target_modules=targets)
+        try:
+            build_adapter_config(row.method, dict(adapter))
+        except ValueError as error:  # a method without adapter dropout (MoA) trains without it
+            if "lora_dropout" not in str(error):
+                raise
+            adapter["lora_dropout"] = 0.0
         config = {
             **recipe,
             "method": row.method,

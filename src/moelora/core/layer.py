@@ -39,11 +39,11 @@ class ModelCall:
     attention_mask: torch.Tensor | None = None
 
 
-class _ForwardValues(dict):
+class ForwardValues(dict):
     """Per-adapter tensors of the current training forward. They carry autograd graphs, which can be neither
     deep-copied nor pickled, so a copy of the layer starts empty instead of failing."""
 
-    def __deepcopy__(self, memo: dict) -> _ForwardValues:
+    def __deepcopy__(self, memo: dict) -> ForwardValues:
         return type(self)()
 
     def __reduce__(self) -> tuple:
@@ -70,11 +70,15 @@ class MoeLoraLayer(nn.Module, BaseTunerLayer):
         self._active_adapter = adapter_name
         self.routing = RoutingRecorder()
         self.model_call = ModelCall()  # the tuner replaces it with the one all its layers share
-        self._forward_values = _ForwardValues()
-        linear = self.get_base_layer()
-        self.in_features: int = linear.in_features
-        self.out_features: int = linear.out_features
+        self._forward_values = ForwardValues()
+        self.in_features, self.out_features = self.base_layer_features()
         self.update_layer(adapter_name, config)
+
+    def base_layer_features(self) -> tuple[int, int]:
+        """(d_in, d_out) of the wrapped layer: an nn.Linear's sizes; a layer wrapping another kind of module (MoA's
+        router on a norm layer) overrides it."""
+        linear = self.get_base_layer()
+        return linear.in_features, linear.out_features
 
     # --- what a method implements -------------------------------------------------------------------------
 

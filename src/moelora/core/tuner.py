@@ -114,11 +114,21 @@ class MoeLoraTuner(BaseTuner):
             return
         if isinstance(target, BaseTunerLayer):
             raise ValueError(f"{current_key!r} is already adapted by {type(target).__name__}")
-        new_module = self.tuner_layer_cls(target, adapter_name, config)
+        new_module = self.create_tuner_layer(target, adapter_name, config, current_key)
         new_module.model_call = self.model_call
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
+
+    def create_tuner_layer(
+        self, target: nn.Module, adapter_name: str, config: MoeLoraConfig, current_key: str
+    ) -> MoeLoraLayer:
+        """The new tuner layer wrapping `target`; a method with several kinds of layer (MoA) picks one per target."""
+        return self.tuner_layer_cls(target, adapter_name, config)
+
+    def trainer_callbacks(self) -> list:
+        """Trainer callbacks the method needs during training (DR-LoRA's rank growth); most need none."""
+        return []
 
     def _unload_and_optionally_merge(self, *args: Any, **kwargs: Any) -> Any:
         """PEFT's unload / merge_and_unload; once it succeeds the plain model keeps none of the tuner's hooks."""
