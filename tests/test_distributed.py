@@ -55,6 +55,9 @@ def test_torchrun_two_cpu_processes_end_identical(tmp_path, tiny_model_dir):
     assert any(k.endswith("d2mora_B.default") and rank0[k].abs().sum() > 0 for k in rank0), "training must move B"
     saved = load_file(tmp_path / "run" / "adapter_model.safetensors")
     assert len(saved) == len(rank0)
+    # the ranks split the data: without a process group each would train alone and still end identical
+    metrics = json.loads((tmp_path / "run" / "train_metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["distributed_type"] == "MULTI_CPU"
 
 
 def test_the_train_command_runs_under_torchrun_and_evaluates_once(tmp_path, tiny_model_dir):

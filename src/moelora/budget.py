@@ -86,7 +86,8 @@ def budget_table(
         get_method(method)
     model = meta_model(model_name)
     rows = []
-    for method in methods or METHODS:
+    # methods for MoE experts only (DR-LoRA) have nothing to adapt in a dense model unless asked for by name
+    for method in methods or [name for name, method in METHODS.items() if not method.moe_only]:
         get_method(method)
         own = {"target_modules": targets, **(settings or {}).get(method, {})}
         rows.append(closest_under_budget(model, method, budget, own, max_rank) or BudgetRow(method, own, 0))

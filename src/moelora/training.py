@@ -306,6 +306,10 @@ def train(
     check_requested_sharding(trainer.accelerator.distributed_type.value)
     # First, so the values it adds to the logs reach the reporting callbacks (TensorBoard) after it.
     trainer.callback_handler.callbacks.insert(0, monitor)
+    # A tuner whose method needs the training loop (DR-LoRA's rank growth) provides `trainer_callbacks()`; they
+    # follow the monitor, so what they add to the logs reaches the reporting callbacks too.
+    tuner = _tuner(peft_model)
+    trainer.callback_handler.callbacks[1:1] = tuner.trainer_callbacks() if isinstance(tuner, MoeLoraTuner) else []
     # The official recipe (transformers 4.36) averages the loss per micro-batch and divides by the
     # accumulation steps; the auxiliary losses are per micro-batch too. Token-count normalisation across
     # micro-batches would otherwise count those terms once per micro-batch.

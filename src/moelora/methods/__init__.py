@@ -16,9 +16,11 @@ from ..core.tuner import MoeLoraTuner
 from ..peft_compat import register_peft_method
 from .comol import CoMoLConfig, CoMoLLinear, CoMoLTuner
 from .d2mora import D2MoRAConfig, D2MoRALinear, D2MoRATuner
+from .drlora import DRLoRAConfig, DRLoRATuner
 from .hydralora import HydraLoRAConfig, HydraLoRALinear, HydraLoRATuner
 from .lora import LoraConfig, LoraLinear, LoraTuner
 from .malora import MALoRAConfig, MALoRALinear, MALoRATuner
+from .moa import MoABlock, MoAConfig, MoALinear, MoATuner
 from .molora import MoLoRAConfig, MoLoRALinear, MoLoRATuner
 from .moslora import MoSLoRAConfig, MoSLoRALinear, MoSLoRATuner
 from .smora import SMoRAConfig, SMoRALinear, SMoRATuner
@@ -36,6 +38,8 @@ class Method:
     summary: str
     #: Config fields this method fixes (PEFT's DoRA is its LoRA with use_dora=True).
     preset: dict[str, Any] = field(default_factory=dict)
+    #: Adapts the routed experts of MoE models only (DR-LoRA); dense models are refused with an error.
+    moe_only: bool = False
 
     @property
     def native_to_peft(self) -> bool:
@@ -54,6 +58,9 @@ METHODS: dict[str, Method] = {
         Method("teamlora", TeamLoRAConfig, TeamLoRATuner, "TeamLoRA: block-split A, K B experts, interaction matrix"),
         Method("malora", MALoRAConfig, MALoRATuner, "MALoRA: E routed experts over a shared down-projection subspace"),
         Method("smora", SMoRAConfig, SMoRATuner, "SMoRA: each rank is an expert, top-k of R ranks, loss-free bias"),
+        Method("drlora", DRLoRAConfig, DRLoRATuner, "DR-LoRA: MoE expert LoRA, ranks grown by saliency", moe_only=True),
+        Method("moa_soft", MoAConfig, MoATuner, "Soft MoA: LoRA, prompt, PA experts, token gates", {"sparse": False}),
+        Method("moa_sparse", MoAConfig, MoATuner, "Sparse MoA: experts on tokens past a threshold", {"sparse": True}),
         Method("peft_lora", peft.LoraConfig, None, "PEFT's own LoRA (peft.LoraConfig)", {"use_dora": False}),
         Method("peft_dora", peft.LoraConfig, None, "PEFT's DoRA (peft.LoraConfig, use_dora=True)", {"use_dora": True}),
     )
@@ -90,6 +97,8 @@ __all__ = [
     "D2MoRAConfig",
     "D2MoRALinear",
     "D2MoRATuner",
+    "DRLoRAConfig",
+    "DRLoRATuner",
     "HydraLoRAConfig",
     "HydraLoRALinear",
     "HydraLoRATuner",
@@ -100,6 +109,10 @@ __all__ = [
     "MALoRALinear",
     "MALoRATuner",
     "Method",
+    "MoABlock",
+    "MoAConfig",
+    "MoALinear",
+    "MoATuner",
     "MoLoRAConfig",
     "MoLoRALinear",
     "MoLoRATuner",
