@@ -1,0 +1,356 @@
+"""Comparison of evaluated runs (`moelora compare`): one Markdown table and a bar chart.
+
+Reads the result files runs write: `eval_<label>/results_<protocol>.json` in a training run folder (beside its
+`moelora_run.yaml`), or `results_<protocol>.json` in a `moelora eval --output-dir` folder.
+
+- One row per method, configuration and protocol. Training runs whose configurations differ only in the seed
+  (and in settings that cannot change a result, `IGNORED_SETTINGS`) are seeds of one row: each cell is the
+  mean over them ± the sample standard deviation, and the seeds are listed. Rows of one method that differ
+  in other settings are told apart by those settings in their names.
+- Base-model results (label `base`) depend only on the model and the evaluation settings, so every run's
+  base results for the same model and settings form one row, identical repeats counted once.
+- A `moelora eval` folder has no run config: it is a row of its own, named after the folder.
+- The protocol is part of a row's identity and the chart draws one panel per protocol, so numbers of two
+  protocols never share a row or a panel. Within a protocol, every row must cover the same tasks with the same
+  numbers of items, or the accuracies would not be comparable (`allow_different_items` lifts this).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import load_config
+from .tasks import TASKS
+
+#: Flattened run-config keys that never change an evaluation result, left out when grouping runs.
+IGNORED_SETTINGS = frozenset(
+    {
+        "training.seed",
+        "training.output_dir",
+        "training.report_to",
+        "training.logging_steps",
+        "training.dataloader_num_workers",
+        "evaluation.batch_size",
+        "evaluation.protocols",
+        "evaluation.evaluate_base_model",
+    }
+)
+#: What a base-model result depends on.
+_BASE_SETTINGS = ("model", "model_dtype", "evaluation.")
+COMPARISON_NAME = "comparison"
+
+
+@dataclass
+class Result:
+    """One results_<protocol>.json of one run."""
+
+    run: Path
+    file: Path
+    label: str
+    protocol: str
+    accuracy: dict[str, float]
+    counts: dict[str, int]
+    trainable: int | None
+    model: str | None
+    seed: int | None
+    #: The run's flattened config (None for a `moelora eval` folder).
+    settings: dict[str, Any] | None
+
+    @property
+    def average(self) -> float:
+        return sum(self.accuracy.values()) / len(self.accuracy)
+
+
+@dataclass
+class Row:
+    """Results that differ only in the seed: one table row."""
+
+    label: str
+    protocol: str
+    results: list[Result] = field(default_factory=list)
+    name: str = ""
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.results[0].accuracy)
+
+    def values(self, task: str) -> list[float]:
+        return [result.accuracy[task] for result in self.results]
+
+    def averages(self) -> list[float]:
+        return [result.average for result in self.results]
+
+
+def _cell(values: Sequence[float]) -> str:
+    """Mean, and ± the sample standard deviation when there are several runs."""
+    mean = sum(values) / len(values)
+    return f"{mean:.1f} ± {statistics.stdev(values):.1f}" if len(values) > 1 else f"{mean:.1f}"
+
+
+def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'adapter': {'r': 8}} -> {'adapter.r': 8}, so settings can be compared and named key by key."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _read_result(run: Path, file: Path, settings: dict[str, Any] | None, seed: int | None) -> Result:
+    try:
+        data = json.loads(file.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{file}: invalid JSON: {error}") from None
+    if not isinstance(data, dict) or not {"protocol", "accuracy", "counts"} <= data.keys():
+        raise ValueError(f"{file}: not a moelora results file (needs protocol, accuracy and counts)")
+    protocol, accuracy, counts = data["protocol"], data["accuracy"], data["counts"]
+    if file.stem != f"results_{protocol}":
+        raise ValueError(
+            f"{file}: names protocol {protocol!r} inside but {file.stem.removeprefix('results_')!r} in its name"
+        )
+    if not isinstance(accuracy, dict) or not accuracy or set(accuracy) != set(counts):
+        raise ValueError(f"{file}: accuracy and counts must name the same, non-empty set of tasks")
+    bad = [task for task, value in accuracy.items() if not isinstance(value, (int, float)) or math.isnan(value)]
+    if bad:
+        raise ValueError(f"{file}: no accuracy for task(s) {bad}")
+    trainable = data.get("trainable_parameters")
+    return Result(
+        run=run,
+        file=file,
+        label=str(data.get("label") or data.get("method") or "?"),
+        protocol=protocol,
+        accuracy={task: float(value) for task, value in accuracy.items()},
+        counts={task: int(count) for task, count in counts.items()},
+        trainable=trainable if isinstance(trainable, int) else None,
+        model=data.get("model"),
+        seed=seed,
+        settings=settings,
+    )
+
+
+def load_results(run: str | Path) -> list[Result]:
+    """Every result file of a run folder (training run or `moelora eval --output-dir` folder)."""
+    from .training import RUN_CONFIG_NAME
+
+    run = Path(run)
+    if not run.is_dir():
+        raise ValueError(f"{run} is not a folder")
+    settings = seed = None
+    if (run / RUN_CONFIG_NAME).is_file():
+        config = load_config(run / RUN_CONFIG_NAME)
+        settings, seed = _flatten(config.to_dict()), config.training.seed
+    files = sorted(run.glob("eval_*/results_*.json")) + sorted(run.glob("results_*.json"))
+    if not files:
+        raise ValueError(
+            f"{run} holds no results_<protocol>.json (train with evaluation.test_files set, or run "
+            "`moelora eval --output-dir`)"
+        )
+    return [_read_result(run, file, settings, seed) for file in files]
+
+
+def _relevant_settings(result: Result) -> dict[str, Any] | None:
+    """The settings a result depends on: the run config minus IGNORED_SETTINGS; for a base-model result only
+    the model and the evaluation settings."""
+    if result.settings is None:
+        return None
+    return {
+        key: value
+        for key, value in result.settings.items()
+        if key not in IGNORED_SETTINGS and (result.label != "base" or key.startswith(_BASE_SETTINGS))
+    }
+
+
+def _group_key(result: Result) -> tuple:
+    settings = _relevant_settings(result)
+    if settings is None:
+        # Without a run config nothing says two folders hold seeds of one setup; a base model is a base model.
+        if result.label == "base":
+            return result.label, result.protocol, "model", result.model, json.dumps(result.counts, sort_keys=True)
+        return result.label, result.protocol, "folder", str(result.run.resolve())
+    return result.label, result.protocol, "settings", json.dumps(settings, sort_keys=True, default=str)
+
+
+def _name_rows(rows: list[Row]) -> None:
+    """A row's name: its label, plus what tells it from the other rows of the same label and protocol: the
+    settings that differ between them, or the folder of a run without a config."""
+    siblings: dict[tuple[str, str], list[Row]] = {}
+    for row in rows:
+        siblings.setdefault((row.label, row.protocol), []).append(row)
+    for same in siblings.values():
+        configured = [s for s in (_relevant_settings(row.results[0]) for row in same) if s is not None]
+        differing = sorted(
+            key
+            for key in set().union(*configured)
+            if len({json.dumps(c.get(key), default=str) for c in configured}) > 1
+        )
+        for row in same:
+            settings = _relevant_settings(row.results[0])
+            if len(same) == 1:
+                row.name = row.label
+            elif settings is not None and differing:
+                row.name = f"{row.label} ({', '.join(f'{key}={settings.get(key)}' for key in differing)})"
+            else:
+                row.name = f"{row.label} ({row.results[0].run.name})"
+
+
+def group_rows(results: Sequence[Result], allow_different_items: bool = False) -> list[Row]:
+    """Rows in order of first appearance, base rows first within each protocol; checks comparability."""
+    seen: set[Path] = set()
+    for result in results:
+        if result.file.resolve() in seen:
+            raise ValueError(f"{result.run} is given twice (its {result.file.name} would count twice)")
+        seen.add(result.file.resolve())
+    groups: dict[tuple, Row] = {}
+    for result in results:
+        row = groups.setdefault(_group_key(result), Row(result.label, result.protocol))
+        # Every run of a comparison carries the same base-model evaluation; count it once (a differing
+        # repeat stays, and shows as a standard deviation).
+        repeat = any(r.accuracy == result.accuracy and r.counts == result.counts for r in row.results)
+        if not (result.label == "base" and repeat):
+            row.results.append(result)
+    rows = list(groups.values())
+    for row in rows:
+        first = row.results[0]
+        for other in row.results[1:]:
+            if other.counts != first.counts:
+                raise ValueError(
+                    f"{row.label} ({row.protocol}): seed runs {first.run} and {other.run} were evaluated on different "
+                    f"items ({first.counts} vs {other.counts}); they cannot be averaged"
+                )
+    if not allow_different_items:
+        by_protocol: dict[str, Row] = {}
+        for row in rows:
+            reference = by_protocol.setdefault(row.protocol, row)
+            if row.results[0].counts != reference.results[0].counts:
+                raise ValueError(
+                    f"protocol {row.protocol!r}: {reference.results[0].run} and {row.results[0].run} were evaluated on "
+                    f"different tasks or numbers of items ({reference.results[0].counts} vs {row.results[0].counts}); "
+                    "their accuracies are not comparable (--allow-different-items shows them anyway)"
+                )
+    _name_rows(rows)
+    protocols = list(dict.fromkeys(row.protocol for row in rows))
+    return sorted(rows, key=lambda row: (protocols.index(row.protocol), row.label != "base"))
+
+
+def _display(task: str) -> str:
+    return TASKS[task].display if task in TASKS else task
+
+
+def _seeds(row: Row) -> str:
+    seeds = [result.seed for result in row.results]
+    if row.label == "base" or all(seed is None for seed in seeds):
+        return "-"
+    return ", ".join("?" if seed is None else str(seed) for seed in seeds)
+
+
+def _trainable(row: Row) -> str:
+    counts = sorted({result.trainable for result in row.results if result.trainable is not None})
+    return " / ".join(f"{count:,}" for count in counts) or "-"
+
+
+def comparison_markdown(rows: Sequence[Row]) -> str:
+    """The table: methods x tasks, Avg, trainable parameters, protocol, seeds, runs, items."""
+    tasks = [task for task in TASKS if any(task in row.tasks for row in rows)]
+    tasks += sorted({task for row in rows for task in row.tasks} - set(tasks))
+    models = {result.model for row in rows for result in row.results}
+    header = [
+        "method",
+        *(["model"] if len(models) > 1 else []),
+        "protocol",
+        "trainable params",
+        "seeds",
+        *(_display(task) for task in tasks),
+        "Avg",
+        "items",
+    ]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [
+            row.name,
+            *([str(row.results[0].model)] if len(models) > 1 else []),
+            row.protocol,
+            _trainable(row),
+            _seeds(row),
+            *(_cell(row.values(task)) if task in row.tasks else "-" for task in tasks),
+            f"**{_cell(row.averages())}**",
+            str(sum(row.results[0].counts.values())),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    notes = [
+        "Accuracy in %; a row with several seeds shows mean ± sample standard deviation over them. Avg is the "
+        "unweighted mean over the row's tasks, per run, then over the seeds."
+    ]
+    if len(models) == 1:
+        notes.append(f"Model: {next(iter(models))}.")
+    counts = {json.dumps(result.counts, sort_keys=True) for row in rows for result in row.results}
+    if len(counts) == 1:
+        items = rows[0].results[0].counts
+        notes.append("Items per task: " + ", ".join(f"{_display(task)} {n}" for task, n in items.items()) + ".")
+    else:
+        notes.append("Rows were evaluated on different tasks or items: their accuracies are not comparable.")
+    return "\n".join(lines) + "\n\n" + " ".join(notes)
+
+
+def plot_comparison(rows: Sequence[Row], path: Path) -> Path:
+    """Grouped bars (tasks and Avg on the x axis, one bar per row, error bars = std over seeds); one panel
+    per protocol."""
+    from matplotlib.figure import Figure
+
+    protocols = list(dict.fromkeys(row.protocol for row in rows))
+    tasks = [task for task in TASKS if any(task in row.tasks for row in rows)]
+    tasks += sorted({task for row in rows for task in row.tasks} - set(tasks))
+    groups = [*(_display(task) for task in tasks), "Avg"]
+    figure = Figure(figsize=(max(6.0, 0.9 * len(groups) + 3) + 3, 3.4 * len(protocols)), layout="constrained")
+    axes = figure.subplots(len(protocols), 1, squeeze=False)[:, 0]
+    for ax, protocol in zip(axes, protocols, strict=True):
+        panel = [row for row in rows if row.protocol == protocol]
+        width = 0.8 / len(panel)
+        for index, row in enumerate(panel):
+            samples = [row.values(task) if task in row.tasks else [math.nan] for task in tasks] + [row.averages()]
+            means = [sum(s) / len(s) for s in samples]
+            errors = [statistics.stdev(s) if len(s) > 1 else math.nan for s in samples]  # no bar for one run
+            xs = [g + (index - (len(panel) - 1) / 2) * width for g in range(len(groups))]
+            ax.bar(xs, means, width, yerr=errors, capsize=2, label=row.name)
+        ax.set_xticks(range(len(groups)), groups, fontsize=8)
+        ax.set_ylabel("accuracy (%)")
+        ax.set_ylim(0, 100)
+        ax.set_title(f"protocol: {protocol}", fontsize=9)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: long row names fit
+    figure.savefig(path, dpi=110)
+    return path
+
+
+def compare(
+    runs: Sequence[str | Path],
+    *,
+    out: str | Path = COMPARISON_NAME,
+    protocols: Sequence[str] | None = None,
+    allow_different_items: bool = False,
+) -> str:
+    """Write `comparison.md` and `comparison.png` into `out`; returns the Markdown."""
+    if not runs:
+        raise ValueError("compare needs at least one run folder")
+    results = [result for run in runs for result in load_results(run)]
+    if protocols:
+        missing = sorted(set(protocols) - {result.protocol for result in results})
+        if missing:
+            raise ValueError(f"no results for protocol(s) {missing}; found {sorted({r.protocol for r in results})}")
+        results = [result for result in results if result.protocol in protocols]
+    rows = group_rows(results, allow_different_items)
+    markdown = comparison_markdown(rows)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    figure = plot_comparison(rows, out / f"{COMPARISON_NAME}.png")
+    sources = "\n".join(f"- `{result.file}`" for row in rows for result in row.results)
+    (out / f"{COMPARISON_NAME}.md").write_text(
+        f"{markdown}\n\n![comparison]({figure.name})\n\nResults read:\n\n{sources}\n"
+    )
+    return markdown
