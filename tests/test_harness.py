@@ -74,3 +74,14 @@ def test_unknown_harness_protocol_is_refused(tiny_adapted_model):
     model, tokenizer = tiny_adapted_model
     with pytest.raises(ValueError, match="unknown protocol 'mc2'"):
         evaluate_with_lm_eval(model, tokenizer, {}, protocol="mc2")
+
+
+def test_eval_command_runs_the_harness(tiny_model_dir, tmp_path, capsys):
+    from moelora.cli import main
+
+    boolq = bundled_test_files()["boolq"]
+    argv = ["eval", "--model", str(tiny_model_dir), "--harness", "lm-eval", "--test", f"boolq={boolq}"]
+    assert main([*argv, "--max-items", "3", "--output-dir", str(tmp_path)]) == 0
+    assert "| base | lm-eval-likelihood |" in capsys.readouterr().out
+    written = json.loads((tmp_path / "results_lm-eval-likelihood.json").read_text())
+    assert written["counts"] == {"boolq": 3} and written["settings"]["max_items"] == 3

@@ -1,4 +1,4 @@
-"""`moelora` command line: train, eval, quickstart."""
+"""`moelora` command line: train, eval, quickstart, budget, import-d2mora, report, compare."""
 
 from __future__ import annotations
 
@@ -86,19 +86,69 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--dtype", default="fp32", help="base-model weights: fp32 | bf16 | fp16 (bf16 logits score more coarsely)"
     )
+    evaluate.add_argument(
+        "--harness",
+        choices=["moelora", "lm-eval"],
+        default="moelora",
+        help="the evaluator: moelora's own, or lm-evaluation-harness on the same items (a cross-check)",
+    )
+    evaluate.add_argument("--quantization", choices=["4bit", "8bit"], default=None, help="bitsandbytes base (CUDA)")
+    official = commands.add_parser(
+        "import-d2mora",
+        help="convert an official D2MoRA adapter folder (adapter_config.json + pickled weights) into a moelora one",
+    )
+    official.add_argument("source", metavar="DIR", help="the official adapter folder (only read)")
+    official.add_argument("--out", required=True, help="the moelora adapter folder to write")
+    official.add_argument("--overwrite", action="store_true", help="replace an existing adapter folder at --out")
+    official.add_argument("--weights", default=None, help="the weights file, when DIR holds several")
+    official.add_argument(
+        "--base-model", default=None, help="record this base model instead of the checkpoint's base_model_name_or_path"
+    )
+    report = commands.add_parser(
+        "report", help="routing and expert-similarity figures with a Markdown summary, for one run or two side by side"
+    )
+    report.add_argument(
+        "runs", nargs="+", metavar="RUN_DIR", help="a run (or adapter) folder; a second one is shown beside it"
+    )
+    report.add_argument("--out", default=None, help="output folder (default: RUN_DIR/report of the first run)")
+    report.add_argument(
+        "--data", action="append", default=[], metavar="TASK=PATH",
+        help="evaluation file to route (repeatable); default: the run's test files, else the bundled sample",
+    )  # fmt: skip
+    report.add_argument("--limit", type=int, default=50, help="items per task for the routing statistics (default 50)")
+    report.add_argument("--no-routing", action="store_true", help="expert similarity only; loads no model")
+    report.add_argument("--model", default=None, help="base model (default: the run's)")
+    report.add_argument("--dtype", default=None, help="base-model weights: fp32 | bf16 | fp16 (default: the run's)")
+    report.add_argument(
+        "--layers", default=None, help="comma-separated layers of the expert-matrix figure (default: first, mid, last)"
+    )
+    compare = commands.add_parser(
+        "compare", help="one table (methods x tasks, mean ± std over seeds) and a bar chart of evaluated runs"
+    )
+    compare.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders or `moelora eval` output folders")
+    compare.add_argument(
+        "--out", default="comparison", help="folder for comparison.md and comparison.png (default: ./comparison)"
+    )
+    compare.add_argument("--protocol", action="append", default=None, help="only this protocol (repeatable)")
+    compare.add_argument(
+        "--allow-different-items", action="store_true",
+        help="compare rows evaluated on different tasks or numbers of items (their accuracies are not comparable)",
+    )  # fmt: skip
     return parser
 
 
-def _test_files(specs: list[str]) -> dict[str, str]:
-    if not specs:
-        return resolve_test_files(BUNDLED)
+def _task_files(specs: list[str], option: str) -> dict[str, str]:
     files = {}
     for spec in specs:
         task, sep, path = spec.partition("=")
         if not sep:
-            raise ValueError(f"--test {spec!r}: expected TASK=PATH")
+            raise ValueError(f"{option} {spec!r}: expected TASK=PATH")
         files[task] = path
     return files
+
+
+def _test_files(specs: list[str]) -> dict[str, str]:
+    return _task_files(specs, "--test") if specs else resolve_test_files(BUNDLED)
 
 
 def run_evaluations(config, model, tokenizer, output_dir: Path, label: str, trainable: int | None):
@@ -139,15 +189,17 @@ def command_train(config, resume: bool, overwrite: bool) -> int:
     build_adapter_config(config.method, config.adapter)
     dtype = parse_dtype(config.model_dtype)
     check_output_dir(config, resume=resume, overwrite=overwrite)
-    model, tokenizer = load_model_and_tokenizer(config.model, dtype=dtype)
+    model, tokenizer = load_model_and_tokenizer(config.model, dtype=dtype, quantization=config.model_quantization)
     result = train(config, model, tokenizer, resume=resume, overwrite=overwrite)
     metrics = result.metrics
+    if not PartialState().is_main_process:
+        return 0  # under torchrun / accelerate launch, the main process reports and evaluates
     print(
         f"trained {config.method} in {metrics['train_runtime']:.0f}s: {metrics['tokens_seen']:,} tokens, "
         f"{metrics['train_tokens_per_second']:.0f} tokens/s, train loss {metrics.get('train_loss', float('nan')):.4f}"
     )
-    if not config.evaluation.test_files or not PartialState().is_main_process:
-        return 0  # under torchrun / accelerate launch, the main process evaluates
+    if not config.evaluation.test_files:
+        return 0
     rows = []
     result.model.eval()
     if config.evaluation.evaluate_base_model:
@@ -167,22 +219,29 @@ def command_eval(args) -> int:
     from peft import PeftConfig, PeftModel, get_peft_model_state_dict
 
     from .evaluation import evaluate, results_to_markdown
+    from .harness import evaluate_with_lm_eval
     from .methods import method_name_of
     from .models import DEFAULT_MODEL, load_model_and_tokenizer, parse_dtype
+    from .official import check_not_official
 
     dtype = parse_dtype(args.dtype, "--dtype")
+    if args.adapter:
+        check_not_official(args.adapter)
     model_name = args.model
     if model_name is None and args.adapter:
         model_name = PeftConfig.from_pretrained(args.adapter).base_model_name_or_path
-    model, tokenizer = load_model_and_tokenizer(model_name or DEFAULT_MODEL, dtype=dtype)
+    model, tokenizer = load_model_and_tokenizer(
+        model_name or DEFAULT_MODEL, dtype=dtype, quantization=args.quantization
+    )
     label, trainable = "base", 0
     if args.adapter:
         model = PeftModel.from_pretrained(model, args.adapter)
         label = method_name_of(model.peft_config["default"])
         trainable = sum(weight.numel() for weight in get_peft_model_state_dict(model).values())
     model.eval()
+    evaluator = evaluate_with_lm_eval if args.harness == "lm-eval" else evaluate
     results = [
-        evaluate(
+        evaluator(
             model,
             tokenizer,
             _test_files(args.test),
@@ -222,6 +281,50 @@ def command_budget(args) -> int:
     return 0
 
 
+def command_import_d2mora(args) -> int:
+    from .official import import_d2mora
+
+    imported = import_d2mora(
+        args.source, args.out, overwrite=args.overwrite, weights=args.weights, base_model=args.base_model
+    )
+    print(
+        f"imported {imported.weights_file}: {imported.modules} modules, M={imported.num_down_experts} down / "
+        f"N={imported.num_up_experts} up experts, r={imported.r}; moelora adapter in {imported.path}"
+    )
+    return 0
+
+
+def command_report(args) -> int:
+    from .report import report
+
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {args.limit}")
+    try:
+        layers = [int(layer) for layer in args.layers.split(",")] if args.layers else None
+    except ValueError:
+        raise ValueError(f"--layers {args.layers!r}: expected comma-separated layer numbers") from None
+    markdown = report(
+        args.runs,
+        out=args.out,
+        data=_task_files(args.data, "--data") or None,
+        limit=args.limit,
+        routing=not args.no_routing,
+        model=args.model,
+        dtype=args.dtype,
+        layers=layers,
+    )
+    print(f"report written to {markdown} (figures beside it)")
+    return 0
+
+
+def command_compare(args) -> int:
+    from .compare import COMPARISON_NAME, compare
+
+    print(compare(args.runs, out=args.out, protocols=args.protocol, allow_different_items=args.allow_different_items))
+    print(f"\nwritten to {Path(args.out) / COMPARISON_NAME}.md and .png")
+    return 0
+
+
 def _replaceable_quickstart(config) -> bool:
     """The quickstart replaces its own earlier runs (trained on the bundled sample, minutes to redo), never a run
     on other data that an override pointed it at."""
@@ -238,6 +341,12 @@ def main(argv: list[str] | None = None) -> int:
             return command_eval(args)
         if args.command == "budget":
             return command_budget(args)
+        if args.command == "import-d2mora":
+            return command_import_d2mora(args)
+        if args.command == "report":
+            return command_report(args)
+        if args.command == "compare":
+            return command_compare(args)
         if args.command == "quickstart":
             config = load_config(recipe_path("quickstart"), _overrides(args))
             return command_train(config, resume=False, overwrite=args.overwrite or _replaceable_quickstart(config))

@@ -123,6 +123,10 @@ class RunConfig:
             "stay fp32 either way; `training.precision` sets the autocast."
         },
     )
+    model_quantization: str | None = field(
+        default=None,
+        metadata={"help": "4bit (NF4, QLoRA style) | 8bit: load the frozen base through bitsandbytes; CUDA GPUs only."},
+    )
     method: str = field(default="d2mora", metadata={"help": "The MoE-LoRA method; `moelora --help` lists them."})
     adapter: dict[str, Any] = field(
         default_factory=dict,

@@ -235,7 +235,11 @@ def evaluate(
             counts[name] = len(rows)
             accuracy[name] = 100.0 * sum(row["correct"] for row in rows) / len(rows) if rows else float("nan")
     elapsed = time.perf_counter() - started
-    result = EvalResult(protocol, accuracy, counts, total / elapsed if elapsed else float("nan"), dict(metadata or {}))
+    settings = {"max_items": max_items, "batch_size": batch_size}
+    if protocol == "generate":
+        settings |= {"num_beams": num_beams, "max_new_tokens": max_new_tokens}
+    info = {"evaluator": "moelora", "settings": settings, **(metadata or {})}
+    result = EvalResult(protocol, accuracy, counts, total / elapsed if elapsed else float("nan"), info)
     result.predictions = predictions
     if output_dir is not None:
         write_result(result, Path(output_dir))

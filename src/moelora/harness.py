@@ -175,7 +175,10 @@ def evaluate_with_lm_eval(
         predictions[name] = _prediction_rows(TASKS[name], protocol, output["samples"][harness_name])
         counts[name] = len(predictions[name])
     total = sum(counts.values())
-    info = {"evaluator": f"lm-eval {lm_eval.__version__}", **(metadata or {})}
+    settings = {"max_items": max_items, "batch_size": batch_size}
+    if protocol == "generate":
+        settings |= {"num_beams": num_beams, "max_new_tokens": max_new_tokens}
+    info = {"evaluator": f"lm-eval {lm_eval.__version__}", "settings": settings, **(metadata or {})}
     result = EvalResult(f"lm-eval-{protocol}", accuracy, counts, total / elapsed if elapsed else float("nan"), info)
     result.predictions = predictions
     if output_dir is not None:
