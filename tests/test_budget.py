@@ -81,3 +81,10 @@ def test_comparison_configs_are_within_the_budget(llama7b_shapes):
         header = path.read_text().splitlines()[0]
         assert f"{count:,} trainable parameters" in header, path.name
         assert count <= 35_800_000
+
+
+def test_ranks_a_small_model_cannot_hold_count_as_over_budget(tiny_model_dir):
+    """The search probes ranks up to max_rank; on a small model most exceed min(d_in, d_out) of a target."""
+    rows = budget_table(str(tiny_model_dir), 10**9, ["q_proj", "k_proj", "v_proj"], ["comol", "lora"])
+    for row in rows:
+        assert row.trainable_parameters > 0 and row.settings["r"] <= 16  # tiny Llama: k/v project 32 -> 16

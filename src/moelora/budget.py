@@ -65,7 +65,13 @@ def closest_under_budget(
     while low <= high:
         middle = (low + high) // 2
         candidate = {**settings, "r": middle * step}
-        count = count_trainable(model, method, candidate)
+        try:
+            count = count_trainable(model, method, candidate)
+        except ValueError as error:
+            if "exceeds min(" not in str(error):
+                raise
+            high = middle - 1  # a rank a target module cannot hold counts as over the budget
+            continue
         if count <= budget:
             best, low = BudgetRow(method, candidate, count), middle + 1
         else:
