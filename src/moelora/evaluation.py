@@ -235,15 +235,23 @@ def evaluate(
             counts[name] = len(rows)
             accuracy[name] = 100.0 * sum(row["correct"] for row in rows) / len(rows) if rows else float("nan")
     elapsed = time.perf_counter() - started
-    settings = {"max_items": max_items, "batch_size": batch_size}
-    if protocol == "generate":
-        settings |= {"num_beams": num_beams, "max_new_tokens": max_new_tokens}
+    settings = evaluation_settings(protocol, max_items, batch_size, num_beams, max_new_tokens)
     info = {"evaluator": "moelora", "settings": settings, **(metadata or {})}
     result = EvalResult(protocol, accuracy, counts, total / elapsed if elapsed else float("nan"), info)
     result.predictions = predictions
     if output_dir is not None:
         write_result(result, Path(output_dir))
     return result
+
+
+def evaluation_settings(
+    protocol: str, max_items: int | None, batch_size: int, num_beams: int, max_new_tokens: int
+) -> dict[str, Any]:
+    """What a result depends on beyond model and items, recorded with it so comparisons can check it."""
+    settings: dict[str, Any] = {"max_items": max_items, "batch_size": batch_size}
+    if protocol.endswith("generate"):
+        settings |= {"num_beams": num_beams, "max_new_tokens": max_new_tokens}
+    return settings
 
 
 def write_result(result: EvalResult, output_dir: Path) -> None:

@@ -29,7 +29,7 @@ from typing import Any
 import yaml
 
 from .data import load_records
-from .evaluation import EvalResult, candidate_labels, write_result
+from .evaluation import EvalResult, candidate_labels, evaluation_settings, write_result
 from .tasks import EVAL_TEMPLATE, TASKS, Task, get_task
 
 HARNESS_PROTOCOLS = ("likelihood", "generate")
@@ -175,9 +175,7 @@ def evaluate_with_lm_eval(
         predictions[name] = _prediction_rows(TASKS[name], protocol, output["samples"][harness_name])
         counts[name] = len(predictions[name])
     total = sum(counts.values())
-    settings = {"max_items": max_items, "batch_size": batch_size}
-    if protocol == "generate":
-        settings |= {"num_beams": num_beams, "max_new_tokens": max_new_tokens}
+    settings = evaluation_settings(protocol, max_items, batch_size, num_beams, max_new_tokens)
     info = {"evaluator": f"lm-eval {lm_eval.__version__}", "settings": settings, **(metadata or {})}
     result = EvalResult(f"lm-eval-{protocol}", accuracy, counts, total / elapsed if elapsed else float("nan"), info)
     result.predictions = predictions
