@@ -32,6 +32,14 @@ from .config import MoeLoraConfig
 from .routing import RoutingRecorder
 
 
+def in_backward_pass() -> bool:
+    """True while autograd runs a backward pass, i.e. when gradient checkpointing recomputes a forward: state
+    updated once per training forward (SMoRA's bias, DR-LoRA's routing counts) must skip that second run.
+    Uses a private torch function (absent: never in backward), kept here so it lives in one place."""
+    task_id = getattr(torch._C, "_current_graph_task_id", None)
+    return task_id is not None and task_id() != -1
+
+
 @dataclass
 class ModelCall:
     """What the tuner knows of the current model call, shared by all its layers."""

@@ -58,7 +58,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.config import MoeLoraConfig, check_positive
-from ..core.layer import MoeLoraLayer
+from ..core.layer import MoeLoraLayer, in_backward_pass
 from ..core.tuner import MoeLoraTuner
 
 GATE_ACTIVATIONS = ("softmax", "sigmoid")
@@ -127,12 +127,6 @@ class SMoRAConfig(MoeLoraConfig):
         return self.lora_alpha / (self.r if self.scaling_rank == "r" else self.top_k)
 
 
-def _in_backward_pass() -> bool:
-    """True while autograd runs a backward pass, i.e. when a checkpointed forward is being recomputed."""
-    task_id = getattr(torch._C, "_current_graph_task_id", None)
-    return task_id is not None and task_id() != -1
-
-
 class SMoRALinear(MoeLoraLayer):
     adapter_layer_names = ("smora_A", "smora_B", "smora_router", "smora_bias")
     state_layer_names = ("smora_bias",)  # saved and restored, never trained (see the module docstring)
@@ -155,7 +149,7 @@ class SMoRALinear(MoeLoraLayer):
         config: SMoRAConfig = self.adapter_config[adapter_name]
         A, B = self.smora_A[adapter_name], self.smora_B[adapter_name]  # [R, d_in], [d_out, R]
         bias = self.smora_bias[adapter_name]
-        recomputing = self.training and _in_backward_pass()
+        recomputing = self.training and in_backward_pass()
         if recomputing and adapter_name in self._bias_used:
             bias = self._bias_used[adapter_name]  # the bias the original forward selected with
 

@@ -40,16 +40,10 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from torch.func import functional_call
 
-from ...core.layer import ModelCall
+from ...core.layer import ModelCall, in_backward_pass
 from ...peft_compat import keep_frozen
 from .config import DRLoRAConfig
 from .layout import ExpertLayout, ExpertShapes, grouped_linear, shapes_of
-
-
-def _in_backward_pass() -> bool:
-    """True while autograd runs a backward pass: a gradient-checkpointed forward being recomputed."""
-    task_id = getattr(torch._C, "_current_graph_task_id", None)
-    return task_id is not None and task_id() != -1
 
 
 def _compute_dtype(x: torch.Tensor, adapter_dtype: torch.dtype) -> torch.dtype:
@@ -359,7 +353,7 @@ class DRLoRARouter(DRLoRALayer):
             outputs = functional_call(
                 self.base_layer, {self.layout.router_weight: weight + delta.to(weight.dtype)}, (hidden_states,)
             )
-        if self.training and adapters and not _in_backward_pass():
+        if self.training and adapters and not in_backward_pass():
             self._accumulate(outputs, self.adapter_config[adapters[0]])
         return outputs
 
