@@ -38,3 +38,44 @@ def orthogonality_by_hand(experts: torch.Tensor, eps: float = 1e-6) -> float:
 
 def lora_reference(x, A, B, scaling):
     return F.linear(F.linear(x.double(), A.double()), B.double()) * scaling
+
+
+def recording_keep_masks(monkeypatch) -> list[torch.Tensor]:
+    """Record the per-expert keep masks `core.dropout` draws (forward and, redrawn, backward)."""
+    from moelora.core import dropout
+
+    recorded = []
+    original = dropout.draw_keep_masks
+
+    def draw(shape, p, like):
+        recorded.append(original(shape, p, like))
+        return recorded[-1]
+
+    monkeypatch.setattr(dropout, "draw_keep_masks", draw)
+    return recorded
+
+
+def check_independent_masks_against_loop(layer, x, loop, params, p, monkeypatch, routing_in_python=False) -> None:
+    """The fused layer with a mask per expert equals `loop(x, *params, dropped_inputs=...)` on the masks it drew,
+    in output and in every gradient (so the masks redrawn in backward are the forward's). A loop that routes in
+    plain Python (`routing_in_python`) has gradients for the expert weights (the first two params) only."""
+    masks = recording_keep_masks(monkeypatch)
+    x = x.clone().requires_grad_()
+    got = layer(x)
+    assert len(masks) == 1 and masks[0].shape[1:] == x.shape
+    keep = masks[0]
+    assert not torch.equal(keep[0], keep[1]), "masks must be independent across experts"
+    got.double().pow(2).sum().backward()
+    assert len(masks) == 2 and torch.equal(masks[0], masks[1]), "backward must redraw the forward's masks"
+
+    x_ref = x.detach().clone().requires_grad_()
+    ref_params = [t.detach().clone().requires_grad_() for t in params]
+    dropped = [x_ref * keep[i] / (1 - p) for i in range(keep.shape[0])]
+    expected = layer.base_layer(x_ref).double() + loop(x_ref, *ref_params, dropped_inputs=dropped)
+    torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
+    expected.pow(2).sum().backward()
+    if not routing_in_python:
+        torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-4, rtol=1e-4)
+    checked = params[:2] if routing_in_python else params
+    for param, ref in zip(checked, ref_params[: len(checked)], strict=True):
+        torch.testing.assert_close(param.grad, ref.grad, atol=1e-4, rtol=1e-4)

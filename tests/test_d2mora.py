@@ -8,7 +8,7 @@ import peft
 import pytest
 import torch
 from peft import get_peft_model
-from reference import d2mora_loop, orthogonality_by_hand
+from reference import check_independent_masks_against_loop, d2mora_loop, orthogonality_by_hand
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -54,25 +54,16 @@ def test_fused_equals_loop_form_in_train_mode_without_dropout():
 
 
 def test_fused_equals_loop_form_with_the_same_independent_dropout_masks(monkeypatch):
-    """Record what each A expert saw after dropout, then feed the same dropped inputs to the loop form."""
+    """Record the mask each A expert drew, feed the same dropped inputs to the loop form: outputs and gradients."""
     layer = make_layer(lora_dropout=0.5).train()
-    x = torch.randn(4, 16)
-    recorded = []
-    original = torch.nn.functional.dropout
-
-    def recording_dropout(input, p=0.5, training=True, inplace=False):
-        out = original(input, p, training, inplace)
-        recorded.append(out)
-        return out
-
-    monkeypatch.setattr(torch.nn.functional, "dropout", recording_dropout)
-    got = layer(x)
-    (dropped,) = recorded
-    assert dropped.shape == (3, 4, 16), "one dropped copy of x per A expert"
-    masks = dropped != 0
-    assert not torch.equal(masks[0], masks[1]), "masks must be independent across experts"
-    expected = layer.base_layer(x).double() + d2mora_loop(x, *params(layer), 2.0, dropped_inputs=list(dropped))
-    torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
+    check_independent_masks_against_loop(
+        layer,
+        torch.randn(4, 16),
+        lambda x, *weights, dropped_inputs: d2mora_loop(x, *weights, 2.0, dropped_inputs=dropped_inputs),
+        params(layer),
+        0.5,
+        monkeypatch,
+    )
 
 
 def test_shared_dropout_mask_option_uses_one_mask(monkeypatch):

@@ -137,3 +137,28 @@ def test_bad_arguments_are_named(tiny):
         evaluate(model, tokenizer, bundled("boolq"), protocol="beam")
     with pytest.raises(ValueError, match="unknown task 'mmlu'"):
         evaluate(model, tokenizer, {"mmlu": "x.json"}, show_progress=False)
+
+
+def test_random_subset_is_fixed_per_seed_and_recorded(tiny, tmp_path):
+    from moelora.evaluation import load_test_items
+
+    files = bundled("piqa", "boolq")
+    first = load_test_items(files, 5)
+    drawn = load_test_items(files, 5, subset_seed=3)
+    assert [i for i, _ in first["piqa"]] == [0, 1, 2, 3, 4]
+    indices = [i for i, _ in drawn["piqa"]]
+    assert indices == sorted(indices) and len(set(indices)) == 5 and indices != [0, 1, 2, 3, 4]
+    assert load_test_items(files, 5, subset_seed=3) == drawn  # the same items every time
+    assert [i for i, _ in load_test_items(files, 5, subset_seed=4)["piqa"]] != indices
+    assert [i for i, _ in drawn["boolq"]] != indices  # tasks draw independently
+    with pytest.raises(ValueError, match="set max_items too"):
+        load_test_items(files, None, subset_seed=3)
+    with pytest.raises(ValueError, match="max_items must be >= 1"):
+        load_test_items(files, 0)
+    model, tokenizer = tiny
+    result = evaluate(model, tokenizer, files, max_items=5, subset_seed=3, output_dir=tmp_path, show_progress=False)
+    assert result.metadata["settings"]["subset_seed"] == 3
+    rows = [json.loads(line) for line in (tmp_path / "predictions_likelihood_piqa.jsonl").read_text().splitlines()]
+    records = load_records(files["piqa"], "piqa")
+    assert [row["index"] for row in rows] == indices  # indices into the file, so items can be looked up
+    assert [row["instruction"] for row in rows] == [records[i]["instruction"] for i in indices]

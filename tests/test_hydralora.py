@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
+from reference import check_independent_masks_against_loop
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -83,14 +84,14 @@ def test_default_dropout_is_one_mask_shared_by_all_heads(monkeypatch):
 
 def test_independent_mask_per_head_option_matches_the_official_loop(monkeypatch):
     layer = make_layer(lora_dropout=0.5, shared_dropout_mask=False).train()
-    x = torch.randn(4, 16)
-    recorded = recording_dropout(monkeypatch)
-    got = layer(x)
-    (dropped,) = recorded
-    assert dropped.shape == (5, 4, 16), "one dropped copy of x per head"
-    assert not torch.equal(dropped[0] != 0, dropped[1] != 0), "masks must be independent across heads"
-    expected = layer.base_layer(x).double() + hydra_loop(x, *params(layer), 2.0, dropped_inputs=list(dropped))
-    torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
+    check_independent_masks_against_loop(
+        layer,
+        torch.randn(4, 16),
+        lambda x, *weights, dropped_inputs: hydra_loop(x, *weights, 2.0, dropped_inputs=dropped_inputs),
+        params(layer),
+        0.5,
+        monkeypatch,
+    )
 
 
 def test_router_sees_the_input_without_dropout():

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
+from reference import check_independent_masks_against_loop
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -99,14 +100,15 @@ def test_fused_equals_loop_form_in_train_mode_without_dropout(top_k):
 
 def test_default_dropout_draws_an_independent_mask_per_expert(monkeypatch):
     layer = make_layer(lora_dropout=0.5, top_k=3).train()
-    x = torch.randn(4, 16)
-    recorded = recording_dropout(monkeypatch)
-    got = layer(x)
-    (dropped,) = recorded
-    assert dropped.shape == (5, 4, 16), "one dropped copy of x per expert"
-    assert not torch.equal(dropped[0] != 0, dropped[1] != 0), "masks must be independent across experts"
-    loop = molora_loop(x, *params(layer), 2.0, top_k=3, dropped_inputs=list(dropped))
-    torch.testing.assert_close(got.double(), layer.base_layer(x).double() + loop, atol=1e-5, rtol=1e-5)
+    check_independent_masks_against_loop(
+        layer,
+        torch.randn(4, 16),
+        lambda x, *weights, dropped_inputs: molora_loop(x, *weights, 2.0, top_k=3, dropped_inputs=dropped_inputs),
+        params(layer),
+        0.5,
+        monkeypatch,
+        routing_in_python=True,
+    )
 
 
 def test_shared_dropout_mask_option_uses_one_mask(monkeypatch):

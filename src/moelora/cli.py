@@ -1,4 +1,4 @@
-"""`moelora` command line: train, eval, quickstart, budget, import-d2mora, report, compare."""
+"""`moelora` command line: train, eval, quickstart, budget, import-d2mora, report, compare, experiment."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from .config import BUNDLED, load_config, recipe_path, resolve_test_files
+from .experiment import add_arguments as add_experiment_arguments
 from .methods import METHODS
 
 _EPILOG = "methods:\n" + "\n".join(f"  {m.name:<10} {m.summary}" for m in METHODS.values())
@@ -79,7 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--test", action="append", default=[], metavar="TASK=PATH", help="test file (repeatable); default: bundled"
     )
     evaluate.add_argument("--protocol", action="append", choices=["likelihood", "generate"], default=None)
-    evaluate.add_argument("--max-items", type=int, default=None)
+    evaluate.add_argument("--max-items", type=int, default=None, help="items per task (default: all)")
+    evaluate.add_argument(
+        "--subset-seed", type=int, default=None, help="draw the --max-items items at random with this seed"
+    )
     evaluate.add_argument("--batch-size", type=int, default=8)
     evaluate.add_argument("--greedy", action="store_true", help="greedy decoding instead of beam 4")
     evaluate.add_argument("--output-dir", default=None)
@@ -134,6 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-different-items", action="store_true",
         help="compare rows evaluated on different tasks or numbers of items (their accuracies are not comparable)",
     )  # fmt: skip
+    experiment = commands.add_parser(
+        "experiment",
+        help="train and evaluate the runs of an experiment file (seeds, methods, groups), then compare them",
+    )
+    add_experiment_arguments(experiment)
     return parser
 
 
@@ -168,6 +177,7 @@ def run_evaluations(config, model, tokenizer, output_dir: Path, label: str, trai
                 protocol=protocol,
                 batch_size=config.evaluation.batch_size,
                 max_items=max_items,
+                subset_seed=config.evaluation.subset_seed,
                 num_beams=config.evaluation.num_beams,
                 max_new_tokens=config.evaluation.max_new_tokens,
                 output_dir=output_dir / f"eval_{label}",
@@ -248,6 +258,7 @@ def command_eval(args) -> int:
             protocol=protocol,
             batch_size=args.batch_size,
             max_items=args.max_items,
+            subset_seed=args.subset_seed,
             num_beams=1 if args.greedy else 4,
             output_dir=Path(args.output_dir) if args.output_dir else None,
             metadata={"label": label, "model": model_name, "method": label, "trainable_parameters": trainable},
@@ -347,6 +358,12 @@ def main(argv: list[str] | None = None) -> int:
             return command_report(args)
         if args.command == "compare":
             return command_compare(args)
+        if args.command == "experiment":
+            from .experiment import run_experiment
+
+            summary = run_experiment(args.file, jobs=args.jobs, only=args.only, compare_only=args.compare_only)
+            print(f"\n{summary.read_text()}\nwritten to {summary}")
+            return 0
         if args.command == "quickstart":
             config = load_config(recipe_path("quickstart"), _overrides(args))
             return command_train(config, resume=False, overwrite=args.overwrite or _replaceable_quickstart(config))

@@ -94,7 +94,13 @@ class EvaluationConfig:
     protocols: list[str] = field(
         default_factory=lambda: ["likelihood", "generate"], metadata={"help": "likelihood and/or generate."}
     )
-    max_items: int | None = field(default=None, metadata={"help": "Evaluate only the first N items of each task."})
+    max_items: int | None = field(
+        default=None, metadata={"help": "Evaluate N items of each task: the first N, or a random draw (subset_seed)."}
+    )
+    subset_seed: int | None = field(
+        default=None,
+        metadata={"help": "Draw the max_items items at random with this seed (the same items in every run)."},
+    )
     generate_max_items: int | None = field(
         default=None, metadata={"help": "A separate, smaller cap for the (slower) generation protocol."}
     )

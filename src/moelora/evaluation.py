@@ -17,6 +17,7 @@ Both run in eval mode under inference_mode; results name their protocol.
 from __future__ import annotations
 
 import json
+import random
 import re
 import time
 from collections.abc import Mapping
@@ -186,6 +187,7 @@ def evaluate(
     protocol: str = "likelihood",
     batch_size: int = 8,
     max_items: int | None = None,
+    subset_seed: int | None = None,
     num_beams: int = 4,
     max_new_tokens: int = 32,
     output_dir: str | Path | None = None,
@@ -206,16 +208,14 @@ def evaluate(
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    loaded = {}
-    for name, path in test_files.items():
-        records = load_records(path, get_task(name).name)
-        loaded[name] = records[:max_items] if max_items is not None else records
+    loaded = load_test_items(test_files, max_items, subset_seed)
     total = sum(len(records) for records in loaded.values())
     accuracy, counts, predictions = {}, {}, {}
     started = time.perf_counter()
     with tqdm(total=total, desc=f"eval ({protocol})", unit="item", disable=not show_progress) as bar:
-        for name, records in loaded.items():
+        for name, items in loaded.items():
             task = TASKS[name]
+            records = [record for _, record in items]
             prompts = [EVAL_TEMPLATE.format(instruction=record["instruction"]) for record in records]
             if protocol == "generate":
                 outputs = _generate(model, tokenizer, task, prompts, batch_size, generation, bar)
@@ -223,19 +223,19 @@ def evaluate(
                 outputs = _likelihood(model, tokenizer, task, records, prompts, batch_size, bar)
             rows = [
                 {
-                    "index": i,
+                    "index": index,
                     "instruction": r["instruction"],
                     "answer": r.get("answer", ""),
                     **out,
                     "correct": out["prediction"] == r.get("answer"),
                 }  # fmt: skip
-                for i, (r, out) in enumerate(zip(records, outputs, strict=True))
+                for (index, r), out in zip(items, outputs, strict=True)
             ]
             predictions[name] = rows
             counts[name] = len(rows)
             accuracy[name] = 100.0 * sum(row["correct"] for row in rows) / len(rows) if rows else float("nan")
     elapsed = time.perf_counter() - started
-    settings = evaluation_settings(protocol, max_items, batch_size, num_beams, max_new_tokens)
+    settings = evaluation_settings(protocol, max_items, subset_seed, batch_size, num_beams, max_new_tokens)
     info = {"evaluator": "moelora", "settings": settings, **(metadata or {})}
     result = EvalResult(protocol, accuracy, counts, total / elapsed if elapsed else float("nan"), info)
     result.predictions = predictions
@@ -244,11 +244,41 @@ def evaluate(
     return result
 
 
+def load_test_items(
+    test_files: Mapping[str, str | Path], max_items: int | None, subset_seed: int | None = None
+) -> dict[str, list[tuple[int, dict]]]:
+    """Per task, the (index in the file, record) pairs to evaluate: all of them, the first `max_items`, or, with
+    `subset_seed`, `max_items` drawn at random without replacement (the same draw for every run with that seed,
+    kept in file order). The first N items of a file are not a fair sample (BoolQ's open with one label run)."""
+    if max_items is not None and max_items < 1:
+        raise ValueError(f"max_items must be >= 1, got {max_items}")
+    if subset_seed is not None and max_items is None:
+        raise ValueError("subset_seed draws max_items items per task; set max_items too")
+    loaded = {}
+    for name, path in test_files.items():
+        records = load_records(path, get_task(name).name)
+        indices = list(range(len(records)))
+        if max_items is not None and subset_seed is not None and max_items < len(records):
+            # the task name in the seed: tasks of equal size get different draws
+            indices = sorted(random.Random(f"{subset_seed}:{name}").sample(indices, max_items))
+        elif max_items is not None:
+            indices = indices[:max_items]
+        loaded[name] = [(index, records[index]) for index in indices]
+    return loaded
+
+
 def evaluation_settings(
-    protocol: str, max_items: int | None, batch_size: int, num_beams: int, max_new_tokens: int
+    protocol: str,
+    max_items: int | None,
+    subset_seed: int | None,
+    batch_size: int,
+    num_beams: int,
+    max_new_tokens: int,
 ) -> dict[str, Any]:
     """What a result depends on beyond model and items, recorded with it so comparisons can check it."""
     settings: dict[str, Any] = {"max_items": max_items, "batch_size": batch_size}
+    if subset_seed is not None:
+        settings["subset_seed"] = subset_seed
     if protocol.endswith("generate"):
         settings |= {"num_beams": num_beams, "max_new_tokens": max_new_tokens}
     return settings

@@ -28,9 +28,8 @@ from typing import Any
 
 import yaml
 
-from .data import load_records
-from .evaluation import EvalResult, candidate_labels, evaluation_settings, write_result
-from .tasks import EVAL_TEMPLATE, TASKS, Task, get_task
+from .evaluation import EvalResult, candidate_labels, evaluation_settings, load_test_items, write_result
+from .tasks import EVAL_TEMPLATE, TASKS, Task
 
 HARNESS_PROTOCOLS = ("likelihood", "generate")
 
@@ -51,12 +50,15 @@ def _harness_task_name(task: Task, protocol: str) -> str:
     return f"moelora_{task.name.lower().replace('-', '_')}_{protocol}"
 
 
-def _write_task(task: Task, records: list[dict], protocol: str, folder: Path, generation: dict[str, Any]) -> str:
-    """Write one task's documents (JSONL) and its lm-eval YAML into `folder`; return the task name."""
+def _write_task(
+    task: Task, items: list[tuple[int, dict]], protocol: str, folder: Path, generation: dict[str, Any]
+) -> str:
+    """Write one task's documents (JSONL; `items` are (index in the test file, record)) and its lm-eval YAML
+    into `folder`; return the task name."""
     name = _harness_task_name(task, protocol)
     documents = folder / f"{name}.jsonl"
     with open(documents, "w") as handle:
-        for index, record in enumerate(records):
+        for index, record in items:
             labels = candidate_labels(task, record["instruction"])
             answer = record.get("answer", "")
             document = {
@@ -136,6 +138,7 @@ def evaluate_with_lm_eval(
     protocol: str = "likelihood",
     batch_size: int = 8,
     max_items: int | None = None,
+    subset_seed: int | None = None,
     num_beams: int = 4,
     max_new_tokens: int = 32,
     output_dir: str | Path | None = None,
@@ -146,16 +149,12 @@ def evaluate_with_lm_eval(
         raise ValueError(f"unknown protocol {protocol!r}; choose from {', '.join(HARNESS_PROTOCOLS)}")
     lm_eval, HFLM, TaskManager = _import_lm_eval()
     model.eval()
-    loaded = {}
-    for name, path in test_files.items():
-        records = load_records(path, get_task(name).name)
-        loaded[name] = records[:max_items] if max_items is not None else records
+    loaded = load_test_items(test_files, max_items, subset_seed)
     with tempfile.TemporaryDirectory(prefix="moelora-lm-eval-") as folder:
         # no stop string but EOS, as LLM-Adapters (lm-eval would otherwise stop at its few-shot delimiter)
         generation = {"until": [], "max_gen_toks": max_new_tokens, "do_sample": False, "num_beams": num_beams}
         harness_names = {
-            name: _write_task(TASKS[name], records, protocol, Path(folder), generation)
-            for name, records in loaded.items()
+            name: _write_task(TASKS[name], items, protocol, Path(folder), generation) for name, items in loaded.items()
         }
         language_model = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         started = time.perf_counter()
@@ -175,7 +174,7 @@ def evaluate_with_lm_eval(
         predictions[name] = _prediction_rows(TASKS[name], protocol, output["samples"][harness_name])
         counts[name] = len(predictions[name])
     total = sum(counts.values())
-    settings = evaluation_settings(protocol, max_items, batch_size, num_beams, max_new_tokens)
+    settings = evaluation_settings(protocol, max_items, subset_seed, batch_size, num_beams, max_new_tokens)
     info = {"evaluator": f"lm-eval {lm_eval.__version__}", "settings": settings, **(metadata or {})}
     result = EvalResult(f"lm-eval-{protocol}", accuracy, counts, total / elapsed if elapsed else float("nan"), info)
     result.predictions = predictions

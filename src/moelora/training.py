@@ -325,6 +325,7 @@ def train(
     # evaluation after training would then score with bf16 logits, whose coarse steps tie candidates.
     peft_model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
     metrics = dict(output.metrics)
+    metrics["global_step"] = output.global_step
     metrics["tokens_seen"] = monitor.tokens_seen
     runtime = metrics.get("train_runtime") or math.nan
     metrics["train_tokens_per_second"] = monitor.tokens_seen / runtime if runtime else math.nan

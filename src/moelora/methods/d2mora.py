@@ -9,7 +9,8 @@ G_A in R^{M x d_in}, G_B in R^{N x r} and s = alpha / r:
     h    = W0 x + s * sum_j q_j(x) B_j z(x)
 
 Fast form (d2mora.md §2.1), the only one here: one GEMM against the stacked A_cat = [A_1; ...; A_M] gives
-all M projections (a batched matmul over M dropped copies of x when masks are independent); z mixes them;
+all M projections (with independent masks, a batched matmul whose backward redraws the masks instead of keeping
+M dropped copies of x: core/dropout.py); z mixes them;
 Δh = s * B_cat vec(q ⊗ z) with B_cat = [B_1 | ... | B_N], so no [tokens, d_out] tensor is built per expert.
 Routers, softmaxes and z run in fp32 even under bf16/fp16 autocast.
 
@@ -26,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.config import MoeLoraConfig, check_positive
+from ..core.dropout import expert_dropout_projection
 from ..core.layer import MoeLoraLayer
 from ..core.losses import pairwise_abs_cosine
 from ..core.tuner import MoeLoraTuner
@@ -83,8 +85,7 @@ class D2MoRALinear(MoeLoraLayer):
         p = self.softmax_router(x, self.d2mora_router_A[adapter_name], f"{adapter_name}/router_A")  # [T, M]
 
         if self.training and config.lora_dropout > 0 and not config.shared_dropout_mask:
-            dropped = F.dropout(x.expand(m, tokens, d_in), config.lora_dropout, training=True)  # [M, T, d_in]
-            projections = torch.bmm(dropped, A.transpose(1, 2)).transpose(0, 1)  # [T, M, r]
+            projections = expert_dropout_projection(x, A, config.lora_dropout)  # [T, M, r], a mask per expert
         else:
             dropped = F.dropout(x, config.lora_dropout, self.training)
             projections = F.linear(dropped, A.reshape(m * r, d_in)).view(tokens, m, r)

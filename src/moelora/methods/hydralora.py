@@ -13,7 +13,8 @@ scale it in the r-space, and one GEMM against the concatenated heads B_cat = [B_
 
 Dropout: one mask shared by all heads by default (A·x is then computed once). Deviation, documented: the
 official layer re-applies dropout inside its per-head loop, i.e. draws an independent mask per head;
-`shared_dropout_mask=False` reproduces that (K dropped copies of x, one batched matmul).
+`shared_dropout_mask=False` reproduces that (one batched matmul over K masks, redrawn in backward instead of
+keeping K dropped copies of x: core/dropout.py).
 
 Init (§5 item 4): A and the router ~ U(±1/sqrt(d_in)) (nn.Linear's default, kaiming_uniform(a=√5)), B_k = 0,
 so Δh = 0 at init. No auxiliary loss: the official code's cv² balance term is defined but unused.
@@ -28,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.config import MoeLoraConfig, check_positive
+from ..core.dropout import expert_dropout_projection
 from ..core.layer import MoeLoraLayer
 from ..core.tuner import MoeLoraTuner
 
@@ -77,8 +79,8 @@ class HydraLoRALinear(MoeLoraLayer):
         g = self.softmax_router(x, self.hydra_router[adapter_name], f"{adapter_name}/router")  # [T, K]
 
         if self.training and config.lora_dropout > 0 and not config.shared_dropout_mask:
-            dropped = F.dropout(x.expand(k, tokens, x.shape[1]), config.lora_dropout, training=True)  # [K, T, d_in]
-            z = torch.matmul(dropped, A.T).transpose(0, 1).float()  # [T, K, r], one projection per head
+            # one projection per head, each under its own mask: [T, K, r]
+            z = expert_dropout_projection(x, A.expand(k, *A.shape), config.lora_dropout).float()
         else:
             z = F.linear(F.dropout(x, config.lora_dropout, self.training), A).float().unsqueeze(1)  # [T, 1, r]
         mixed = (g.unsqueeze(-1) * z * config.scaling).reshape(tokens, k * r)  # vec(g ⊗ Ax), head-major

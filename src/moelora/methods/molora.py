@@ -16,7 +16,8 @@ Top-k is dense-masked (the unselected experts get weight 0 and hence no gradient
 E·r <= 128 (performance.md §5 item 2); it computes every expert, so it costs as much as dense MoLoRA
 (sparse per-expert dispatch for larger E·r is not implemented).
 
-Dropout: an independent mask per expert, as in the CoMoL code (`shared_dropout_mask` for one mask).
+Dropout: an independent mask per expert, as in the CoMoL code (`shared_dropout_mask` for one mask); the masks
+are redrawn in backward rather than kept as E dropped copies of x (core/dropout.py).
 
 Load-balancing loss (top-k only, §2.3), per layer and summed over layers by the tuner:
 
@@ -43,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.config import MoeLoraConfig, check_positive
+from ..core.dropout import expert_dropout_projection
 from ..core.layer import MoeLoraLayer
 from ..core.losses import switch_load_balance
 from ..core.routing import top_k_renormalized
@@ -126,8 +128,7 @@ class MoLoRALinear(MoeLoraLayer):
         w = p if config.top_k is None else self._top_k_weights(p, config, adapter_name)
 
         if self.training and config.lora_dropout > 0 and not config.shared_dropout_mask:
-            dropped = F.dropout(x.expand(e, tokens, d_in), config.lora_dropout, training=True)  # [E, T, d_in]
-            projections = torch.bmm(dropped, A.transpose(1, 2)).transpose(0, 1)  # [T, E, r]
+            projections = expert_dropout_projection(x, A, config.lora_dropout)  # [T, E, r], a mask per expert
         else:
             dropped = F.dropout(x, config.lora_dropout, self.training)
             projections = F.linear(dropped, A.reshape(e * r, d_in)).view(tokens, e, r)

@@ -1,0 +1,84 @@
+"""Per-expert dropout before per-expert projections, without keeping E dropped copies of x for backward.
+
+D2MoRA, MoLoRA (and the CoMoL code it follows) and HydraLoRA draw an independent dropout mask per expert by
+default, as their official code does. The plain form builds the E dropped copies of the input and autograd keeps
+them for the expert GEMM's backward: E·T·d_in values per module (3.3x PEFT LoRA's saved bytes for D2MoRA's
+M = 3). `expert_dropout_projection` keeps only x (which the router keeps anyway), the weights and the RNG state,
+and redraws the same masks in backward: the same values and gradients, for one extra mask draw.
+
+    y[t, e] = A_e (m_e[t] ⊙ x[t]) / (1 - p)            m_e[t] ~ Bernoulli(1 - p)^d_in, independent over e and t
+    dA_e    = Σ_t g[t, e] (m_e[t] ⊙ x[t])ᵀ / (1 - p)
+    dx[t]   = Σ_e m_e[t] ⊙ (A_eᵀ g[t, e]) / (1 - p)
+
+Under autocast the GEMMs run in the autocast dtype (as a plain bmm would), forward and backward alike.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+
+def draw_keep_masks(shape: tuple[int, ...], p: float, like: torch.Tensor) -> torch.Tensor:
+    """Keep-masks (1 = kept) with P(keep) = 1 - p, from the generator of `like`'s device."""
+    return torch.empty(shape, dtype=like.dtype, device=like.device).bernoulli_(1.0 - p)
+
+
+def _rng_state(device: torch.device) -> torch.Tensor:
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+@contextmanager
+def _replayed_rng(device: torch.device, state: torch.Tensor):
+    """Run with the generator of `device` at `state`, leaving the global random streams as they were."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type):
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(state, device)
+        else:
+            torch.set_rng_state(state)
+        yield
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    device_type = x.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+
+
+class _ExpertDropoutProjection(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, p: float) -> torch.Tensor:
+        experts, rank, features = weight.shape
+        dtype = _compute_dtype(x)
+        ctx.rng_state = _rng_state(x.device)
+        ctx.p, ctx.dtype = p, dtype
+        ctx.save_for_backward(x, weight)
+        with torch.autocast(x.device.type, enabled=False):
+            keep = draw_keep_masks((experts, *x.shape), p, x.to(dtype))
+            dropped = x.to(dtype) * keep * (1.0 / (1.0 - p))  # [E, T, d_in], freed after the GEMM
+            return torch.bmm(dropped, weight.to(dtype).transpose(1, 2)).transpose(0, 1)  # [T, E, r]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        experts, scale = weight.shape[0], 1.0 / (1.0 - ctx.p)
+        with torch.autocast(x.device.type, enabled=False):
+            x_c = x.to(ctx.dtype)
+            with _replayed_rng(x.device, ctx.rng_state):
+                keep = draw_keep_masks((experts, *x.shape), ctx.p, x_c)
+            grad = grad.transpose(0, 1).to(ctx.dtype)  # [E, T, r]
+            grad_x = grad_weight = None
+            if ctx.needs_input_grad[0]:
+                grad_x = ((torch.bmm(grad, weight.to(ctx.dtype)) * keep).sum(0) * scale).to(x.dtype)
+            if ctx.needs_input_grad[1]:
+                grad_weight = torch.bmm(grad.transpose(1, 2), x_c * keep * scale).to(weight.dtype)
+        return grad_x, grad_weight, None
+
+
+def expert_dropout_projection(x: torch.Tensor, weight: torch.Tensor, p: float) -> torch.Tensor:
+    """[T, d_in] x, [E, r, d_in] weight -> [T, E, r]: each expert projects x under its own dropout mask.
+
+    A weight shared by all experts (HydraLoRA's single A) can be passed as `A.expand(E, r, d_in)`."""
+    if not 0.0 < p < 1.0:
+        raise ValueError(f"expert_dropout_projection needs 0 < p < 1, got {p!r}")
+    return _ExpertDropoutProjection.apply(x, weight, p)
