@@ -71,6 +71,13 @@ class TrainingConfig:
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "Recompute activations in backward: less memory, ~30% slower."}
     )
+    torch_compile: bool = field(
+        default=False,
+        metadata={
+            "help": "torch.compile the model (the Trainer's option): compiles for minutes first, recompiles per new "
+            "sequence length; see bench/README.md for the measured speedup."
+        },
+    )
     logging_steps: int = field(
         default=10, metadata={"help": "Log loss, auxiliary losses and router entropy every N steps."}
     )

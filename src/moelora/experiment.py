@@ -316,7 +316,7 @@ def write_summary(experiment: Experiment) -> Path:
         lines += ["|---|---|---|---|---|---|---|---|"]
         for run in finished:
             metrics = json.loads((run.folder / "train_metrics.json").read_text())
-            steps = metrics.get("global_step", "?")
+            steps = metrics.get("global_step", run.config.training.max_steps)
             cells = [run.name, run.seed, run.config.method, f"{metrics['trainable_parameters']:,}", steps]
             cells += [f"{metrics['tokens_seen']:,}", f"{metrics['train_runtime']:.0f}"]
             cells += [f"{metrics['train_tokens_per_second']:.0f}"]

@@ -169,7 +169,7 @@ class MoeLoraCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.tuner is None or logs is None or "loss" not in logs:
             return
-        added = {f"aux_{term}": value for term, value in self.tuner.last_auxiliary_losses.items()}
+        added = {f"aux_{term}": float(value) for term, value in self.tuner.last_auxiliary_losses.items()}
         by_router: dict[str, list[float]] = {}
         for per_module in self.tuner.routing_statistics().values():
             for key, stats in per_module.items():
@@ -230,6 +230,7 @@ def training_arguments(config: RunConfig, has_validation: bool) -> TrainingArgum
         bf16=t.precision == "bf16",
         fp16=t.precision == "fp16",
         gradient_checkpointing=t.gradient_checkpointing,
+        torch_compile=t.torch_compile,
         # reentrant checkpointing runs the first forward without autograd: auxiliary losses of routed methods
         # (load balance) would then get no gradient, and it needs input embeddings that require grad
         gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,

@@ -86,7 +86,7 @@ class MoeLoraTuner(BaseTuner):
         #: them yourself (`auxiliary_losses()`).
         self.add_auxiliary_losses_to_loss = True
         #: Detached values of the auxiliary terms of the last forward with labels, for logging.
-        self.last_auxiliary_losses: dict[str, float] = {}
+        self.last_auxiliary_losses: dict[str, torch.Tensor] = {}
         self._hooks = [
             self.model.register_forward_hook(self._add_auxiliary_losses, with_kwargs=True),
             self.model.register_forward_pre_hook(self._share_model_call, with_kwargs=True),
@@ -172,7 +172,8 @@ class MoeLoraTuner(BaseTuner):
             self._check_auxiliary_losses_can_train(terms)
         if terms:
             outputs.loss = loss + sum(value.to(loss.dtype) for value in terms.values())
-            self.last_auxiliary_losses = {term: float(value.detach()) for term, value in terms.items()}
+            # detached tensors, read as floats only when logged: no device sync (or graph break) per step
+            self.last_auxiliary_losses = {term: value.detach() for term, value in terms.items()}
         return outputs
 
     def _check_auxiliary_losses_can_train(self, terms: dict[str, torch.Tensor]) -> None:
