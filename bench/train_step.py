@@ -86,15 +86,20 @@ STEP_TARGET = {"cpu": 1.10, "cuda": 1.05}
 FLOOR_TARGET = 1.15
 MEMORY_TARGET = 1.10
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+COMPILED = " +compile"
 
 
 class Trainee:
     """One variant ready to train: its model in training mode, its AdamW over the trainable parameters (none for
     the frozen floor, whose input embeddings require grad instead so backward runs through every layer)."""
 
-    def __init__(self, variant: Variant, model: nn.Module, precision: str, device: torch.device) -> None:
+    def __init__(
+        self, variant: Variant, model: nn.Module, precision: str, device: torch.device, compiled: bool = False
+    ) -> None:
         self.variant, self.model, self.precision, self.device = variant, model.train(), precision, device
         self.hf_model = model.get_base_model() if isinstance(model, PeftModel) else model
+        # the first (warm-up) step compiles; the timed steps reuse the graph (same batch shape every step)
+        self.forward = torch.compile(model) if compiled else model
         trainable = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(trainable, lr=1e-4) if trainable else None
         if variant.method is None:
@@ -108,7 +113,7 @@ class Trainee:
 
     def loss(self, ids: torch.Tensor) -> torch.Tensor:
         with autocast(self.precision, self.device):
-            return self.model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids, use_cache=False).loss
+            return self.forward(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids, use_cache=False).loss
 
     def step(self, ids: torch.Tensor) -> None:
         self.loss(ids).backward()
@@ -141,6 +146,7 @@ def measure_cell(
         rows.append(
             {
                 "label": label,
+                "variant": trainee.variant.label,
                 "method": trainee.variant.method,
                 "settings": {k: v for k, v in trainee.variant.settings.items() if k != "target_modules"},
                 "trainable_parameters": trainee.variant.trainable,
@@ -188,7 +194,13 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device) -> dict
     cells = []
     for precision in args.precisions:
         base.to(DTYPES[precision])
-        trainees = {v.label: Trainee(v, attach(base, v, "CAUSAL_LM", args.seed), precision, device) for v in variants}
+        trainees = {
+            v.label + (COMPILED if compiled else ""): Trainee(
+                v, attach(base, v, "CAUSAL_LM", args.seed), precision, device, compiled
+            )
+            for compiled in args.compile
+            for v in variants
+        }
         for checkpointing in args.checkpointing:
             for trainee in trainees.values():
                 trainee.set_checkpointing(checkpointing)
@@ -243,7 +255,7 @@ def model_markdown(result: dict[str, Any], baseline: str, memory_kind: str) -> s
         table = [
             {
                 "variant": row["label"],
-                "settings": shown_settings(by_label[row["label"]]) if row["method"] else "",
+                "settings": shown_settings(by_label[row["variant"]]) if row["method"] else "",
                 "params": f"{row['trainable_parameters']:,}",
                 "step": fmt_ms(row["step"]["median_s"]),
                 "tps": f"{row['tokens_per_s']:.0f}",
@@ -343,6 +355,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="off and/or on: gradient checkpointing (CPU off; CUDA both)",
     )
+    parser.add_argument(
+        "--compile",
+        type=comma_list,
+        default=["off"],
+        help=f"off and/or on: torch.compile each variant (compiled ones are labelled '{COMPILED.strip()}', "
+        "timed beside the eager ones; the warm-up step compiles)",
+    )
     parser.add_argument("--quick", action="store_true", help="1x256, fp32, no checkpointing, 2 repeats")
     parser.add_argument("--variants", type=variant_list, default=DEFAULT_VARIANTS, help="space-separated specs")
     parser.add_argument("--targets", type=comma_list, default=list(QKV), help="adapted modules (default q,k,v)")
@@ -369,6 +388,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if set(checkpointing) - {"off", "on"}:
         parser.error("--checkpointing: expected off and/or on")
     args.checkpointing = [value == "on" for value in checkpointing]
+    if not args.compile or set(args.compile) - {"off", "on"}:
+        parser.error("--compile: expected off and/or on")
+    args.compile = [value == "on" for value in args.compile]
     return args
 
 

@@ -96,3 +96,14 @@ def test_inference_smallest(load_bench, tmp_path):
     assert {"peft_lora@merged", *CORE[1:]} <= measured
     assert all(timing["median_s"] > 0 for timing in decode["timings"].values())
     assert "decode b1" in markdown
+
+
+def test_train_step_times_compiled_variants_beside_eager_ones(load_bench, tmp_path):
+    train_step = load_bench("train_step")
+    argv = ["--models", "llama-tiny", "--batches", "1x8", "--variants", "peft_lora d2mora", "--compile", "off,on"]
+    train_step.main([*argv, *ONE_ROUND, "--out", str(tmp_path)])
+    record, markdown = read_outputs(tmp_path, "train_step")
+    (cell,) = record["results"][0]["cells"]
+    labels = [row["label"] for row in cell["rows"]]
+    assert labels == ["peft_lora", "d2mora", "peft_lora +compile", "d2mora +compile"]
+    assert "| d2mora +compile |" in markdown
