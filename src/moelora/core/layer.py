@@ -58,24 +58,70 @@ class ForwardValues(dict):
         return type(self), ()
 
 
-class MoeLoraLayer(nn.Module, BaseTunerLayer):
+class AdapterStateLayer(nn.Module, BaseTunerLayer):
+    """What every moelora tuner layer keeps per adapter, whatever module it wraps: the `nn.ParameterDict`s named
+    by `adapter_layer_names` (PEFT selects, saves and freezes adapter state structurally through them), fp32
+    master weights on the base layer's device, and saved state tensors that are never trained."""
+
     adapter_layer_names: tuple[str, ...] = ()
     #: Those of `adapter_layer_names` that are saved state, not trained weights: never given gradients.
     state_layer_names: tuple[str, ...] = ()
     other_param_names: tuple[str, ...] = ("adapter_config",)
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.adapter_config: dict[str, Any] = {}
+        for name in self.adapter_layer_names:
+            setattr(self, name, nn.ParameterDict())
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self._active_adapter: str | list[str] = adapter_name
+
+    def create_parameters(self, config: Any) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def update_layer(self, adapter_name: str, config: Any) -> None:
+        self.adapter_config[adapter_name] = config
+        for name, tensor in self.create_parameters(config).items():
+            getattr(self, name)[adapter_name] = nn.Parameter(tensor)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        frozen = tuple(name for name in self.state_layer_names if adapter_name in getattr(self, name))
+        if frozen:
+            keep_frozen(self, adapter_name, frozen)
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def base_device(self) -> torch.device:
+        """The wrapped module's device (read off its parameters: fused MoE experts have no `.weight`)."""
+        return next(self.get_base_layer().parameters()).device
+
+    def new_tensor(self, *shape: int) -> torch.Tensor:
+        """An uninitialised fp32 tensor on the base layer's device (the meta device included)."""
+        return torch.empty(shape, dtype=torch.float32, device=self.base_device())
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
+        """Follow the base layer's device but keep adapter weights in fp32 (the master weights)."""
+        target = device if device is not None else self.base_device()
+        for name in self.adapter_layer_names:
+            params = getattr(self, name)
+            if adapter_name in params and params[adapter_name].device not in (target, torch.device("meta")):
+                params[adapter_name] = params[adapter_name].to(target)
+
+    def live_adapters(self) -> list[str]:
+        """The active adapters this layer holds (a layer outside an adapter's targets holds none of it)."""
+        return [name for name in self.active_adapters if name in self.adapter_config]
+
+    def __repr__(self) -> str:
+        return f"moelora.{super().__repr__()}"
+
+
+class MoeLoraLayer(AdapterStateLayer):
     #: Why `merge` is impossible for this method; methods with an input-independent update override
     #: `get_delta_weight` instead.
     merge_unsupported_reason = "its update depends on the input through routers"
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: MoeLoraConfig) -> None:
-        super().__init__()
-        self.base_layer = base_layer
-        self.adapter_config: dict[str, MoeLoraConfig] = {}
-        for name in self.adapter_layer_names:
-            setattr(self, name, nn.ParameterDict())
-        self._disable_adapters = False
-        self.merged_adapters: list[str] = []
-        self._active_adapter = adapter_name
+        super().__init__(base_layer, adapter_name)
         self.routing = RoutingRecorder()
         self.model_call = ModelCall()  # the tuner replaces it with the one all its layers share
         self._forward_values = ForwardValues()
@@ -132,19 +178,6 @@ class MoeLoraLayer(nn.Module, BaseTunerLayer):
 
     # --- shared machinery ---------------------------------------------------------------------------------
 
-    def update_layer(self, adapter_name: str, config: MoeLoraConfig) -> None:
-        self.adapter_config[adapter_name] = config
-        for name, tensor in self.create_parameters(config).items():
-            getattr(self, name)[adapter_name] = nn.Parameter(tensor)
-        self._move_adapter_to_device_of_base_layer(adapter_name)
-        if self.state_layer_names:
-            keep_frozen(self, adapter_name, self.state_layer_names)
-        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
-
-    def new_tensor(self, *shape: int) -> torch.Tensor:
-        """An uninitialised fp32 tensor on the base layer's device (the meta device included)."""
-        return torch.empty(shape, dtype=torch.float32, device=self.get_base_layer().weight.device)
-
     def linear_init(self, *shape: int, fan_in: int) -> torch.Tensor:
         """nn.Linear's default init, kaiming_uniform_(a=sqrt(5)) = U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
 
@@ -168,16 +201,6 @@ class MoeLoraLayer(nn.Module, BaseTunerLayer):
         self.routing.record(key, probs)
         return probs
 
-    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
-        """Follow the base layer's device but keep adapter weights in fp32 (the master weights)."""
-        target = device if device is not None else self.get_base_layer().weight.device
-        for name in self.adapter_layer_names:
-            params = getattr(self, name)
-            if adapter_name in params and params[adapter_name].device != target:
-                if params[adapter_name].device.type == "meta":
-                    continue
-                params[adapter_name] = params[adapter_name].to(target)
-
     def adapter_params(self, adapter_name: str) -> list[torch.Tensor]:
         return [getattr(self, name)[adapter_name] for name in self.adapter_layer_names]
 
@@ -190,9 +213,7 @@ class MoeLoraLayer(nn.Module, BaseTunerLayer):
         result = self.base_layer(x, *args, **kwargs)
         if self.merged:
             return result
-        for adapter_name in self.active_adapters:
-            if adapter_name not in self.adapter_config:
-                continue
+        for adapter_name in self.live_adapters():
             adapter_dtype = getattr(self, self.adapter_layer_names[0])[adapter_name].dtype
             flat = self._cast_input_dtype(x, adapter_dtype).reshape(-1, x.shape[-1])
             delta = self.compute_delta(flat, adapter_name)
@@ -215,6 +236,3 @@ class MoeLoraLayer(nn.Module, BaseTunerLayer):
         while self.merged_adapters:
             adapter_name = self.merged_adapters.pop()
             weight.data -= self.get_delta_weight(adapter_name).to(weight.dtype)
-
-    def __repr__(self) -> str:
-        return f"moelora.{super().__repr__()}"

@@ -36,12 +36,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 from torch.func import functional_call
 
-from ...core.layer import ModelCall, in_backward_pass
-from ...peft_compat import keep_frozen
+from ...core.layer import AdapterStateLayer, ModelCall, in_backward_pass
 from .config import DRLoRAConfig
 from .layout import ExpertLayout, ExpertShapes, grouped_linear, shapes_of
 
@@ -66,57 +65,13 @@ class _GradientGate(torch.autograd.Function):
         return (grad if ctx.is_open else torch.zeros_like(grad)), None
 
 
-class DRLoRALayer(nn.Module, BaseTunerLayer):
-    """Shared machinery of the two DR-LoRA layers: per-adapter ParameterDicts, state tensors, fp32 adapters."""
-
-    adapter_layer_names: tuple[str, ...] = ()
-    #: Saved state, never trained (PEFT re-freezes them after every path that marks adapter weights trainable).
-    state_layer_names: tuple[str, ...] = ()
-    other_param_names: tuple[str, ...] = ("adapter_config",)
+class DRLoRALayer(AdapterStateLayer):
+    """The two DR-LoRA layers: adapter state as every moelora layer keeps it (core), and the model call the
+    tuner shares. `update_layer` waits for the subclass, which must first read the wrapped module's layout."""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, model_call: ModelCall) -> None:
-        super().__init__()
-        self.base_layer = base_layer
-        self.adapter_config: dict[str, DRLoRAConfig] = {}
-        for name in self.adapter_layer_names:
-            setattr(self, name, nn.ParameterDict())
-        self._disable_adapters = False
-        self.merged_adapters: list[str] = []
-        self._active_adapter: str | list[str] = adapter_name
+        super().__init__(base_layer, adapter_name)
         self.model_call = model_call
-
-    def create_parameters(self, config: DRLoRAConfig) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
-
-    def update_layer(self, adapter_name: str, config: DRLoRAConfig) -> None:
-        self.adapter_config[adapter_name] = config
-        for name, tensor in self.create_parameters(config).items():
-            getattr(self, name)[adapter_name] = nn.Parameter(tensor)
-        frozen = tuple(name for name in self.state_layer_names if adapter_name in getattr(self, name))
-        if frozen:
-            keep_frozen(self, adapter_name, frozen)
-        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
-
-    def base_device(self) -> torch.device:
-        return next(self.get_base_layer().parameters()).device
-
-    def new_tensor(self, *shape: int) -> torch.Tensor:
-        """An uninitialised fp32 tensor on the base layer's device (the meta device included)."""
-        return torch.empty(shape, dtype=torch.float32, device=self.base_device())
-
-    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
-        """Follow the base layer's device but keep adapter weights in fp32 (the master weights)."""
-        target = device if device is not None else self.base_device()
-        for name in self.adapter_layer_names:
-            params = getattr(self, name)
-            if adapter_name in params and params[adapter_name].device not in (target, torch.device("meta")):
-                params[adapter_name] = params[adapter_name].to(target)
-
-    def live_adapters(self) -> list[str]:
-        return [name for name in self.active_adapters if name in self.adapter_config]
-
-    def __repr__(self) -> str:
-        return f"moelora.{super().__repr__()}"
 
 
 class DRLoRAExperts(DRLoRALayer):
