@@ -290,3 +290,11 @@ def test_shuffled_label_control_trains_on_permuted_answers(tmp_path, tiny_model_
     assert all(r["output"].endswith(r["answer"]) for r in control)
     saved = load_config(tmp_path / "control" / RUN_CONFIG_NAME)
     assert saved.data.shuffled_label_control is True
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_torch_compile_option_reaches_the_trainer(compiled):
+    from moelora.training import training_arguments
+
+    config = load_config(None, ["training.output_dir=unused", f"training.torch_compile={str(compiled).lower()}"])
+    assert training_arguments(config, has_validation=False).torch_compile is compiled
