@@ -253,6 +253,23 @@ def test_compare_refuses_a_results_file_whose_protocol_disagrees_with_its_name(t
     assert "names protocol 'likelihood' inside but 'generate' in its name" in capsys.readouterr().err
 
 
+def test_compare_names_rows_by_effective_settings_defaults_included(tmp_path, capsys):
+    """A run that left a field at its default and one that set it differ by the effective values, not by
+    'None' against a value."""
+    default = fabricated_run(tmp_path / "default", accuracy={"boolq": 80.0, "piqa": 60.0})
+    off = fabricated_run(
+        tmp_path / "off", adapter={"r": 4, "orthogonal_loss_weight": 0.0}, accuracy={"boolq": 70.0, "piqa": 60.0}
+    )
+    spelled = fabricated_run(
+        tmp_path / "spelled", adapter={"r": 4, "orthogonal_loss_weight": 1e-4}, seed=7,
+        accuracy={"boolq": 60.0, "piqa": 60.0},
+    )  # fmt: skip
+    assert main(["compare", str(default), str(off), str(spelled), "--out", str(tmp_path / "out")]) == 0
+    table = capsys.readouterr().out
+    assert "| d2mora (adapter.orthogonal_loss_weight=0.0001) | likelihood | 1,234 | 42, 7 |" in table
+    assert "| d2mora (adapter.orthogonal_loss_weight=0.0) | likelihood | 1,234 | 42 |" in table
+
+
 def test_compare_shows_different_items_when_allowed(tmp_path, capsys):
     a = fabricated_run(tmp_path / "a", accuracy={"boolq": 80.0, "piqa": 60.0})
     b = fabricated_run(tmp_path / "b", adapter={"r": 8}, accuracy={"boolq": 90.0}, counts={"boolq": 1}, max_items=1)

@@ -17,6 +17,7 @@ Reads the result files runs write: `eval_<label>/results_<protocol>.json` in a t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import statistics
@@ -136,6 +137,31 @@ def _read_result(run: Path, file: Path, settings: dict[str, Any] | None, seed: i
     )
 
 
+def _simple(value: Any) -> bool:
+    if isinstance(value, (list, tuple)):
+        return all(_simple(item) for item in value)
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
+def _effective_adapter(config) -> dict[str, Any]:
+    """The adapter settings the run trained with, defaults filled in: a row is then named by what differs
+    (`orthogonal_loss_weight=0.0001` against `=0.0`), not by what one config happened to spell out. Only plain
+    values count (sets sorted); an adapter config that no longer builds keeps the fields as written."""
+    from .training import build_adapter_config
+
+    try:
+        adapter = build_adapter_config(config.method, dict(config.adapter))
+    except ValueError:
+        return dict(config.adapter)
+    effective = {}
+    for item in dataclasses.fields(adapter):
+        value = getattr(adapter, item.name)
+        value = sorted(value) if isinstance(value, (set, frozenset)) else value
+        if _simple(value):
+            effective[item.name] = value
+    return effective
+
+
 def load_results(run: str | Path) -> list[Result]:
     """Every result file of a run folder (training run or `moelora eval --output-dir` folder)."""
     from .training import RUN_CONFIG_NAME
@@ -146,7 +172,7 @@ def load_results(run: str | Path) -> list[Result]:
     settings = seed = None
     if (run / RUN_CONFIG_NAME).is_file():
         config = load_config(run / RUN_CONFIG_NAME)
-        settings, seed = _flatten(config.to_dict()), config.training.seed
+        settings, seed = _flatten({**config.to_dict(), "adapter": _effective_adapter(config)}), config.training.seed
     files = sorted(run.glob("eval_*/results_*.json")) + sorted(run.glob("results_*.json"))
     if not files:
         raise ValueError(
