@@ -187,12 +187,13 @@ def test_compare_averages_seeds_and_keeps_configurations_apart(tmp_path, capsys)
     assert main(["compare", *map(str, [*seeds, wider]), "--out", str(out)]) == 0
     table = capsys.readouterr().out
     lines = table.splitlines()
-    assert lines[0] == "| method | protocol | trainable params | seeds | BoolQ | PIQA | Avg | items |"
-    assert lines[2] == "| base | likelihood | 0 | - | 50.0 | 25.0 | **37.5** | 8 |", "one base evaluation, counted once"
+    assert lines[0] == "| method | protocol | trainable params | seeds | BoolQ | PIQA | Avg | items | top pred. % |"
+    base_row = "| base | likelihood | 0 | - | 50.0 | 25.0 | **37.5** | 8 | - |"
+    assert lines[2] == base_row, "one base evaluation, counted once"
     assert lines[3] == (
-        "| d2mora (adapter.r=4) | likelihood | 1,234 | 1, 2, 3 | 60.0 ± 10.0 | 50.0 ± 0.0 | **55.0 ± 5.0** | 8 |"
+        "| d2mora (adapter.r=4) | likelihood | 1,234 | 1, 2, 3 | 60.0 ± 10.0 | 50.0 ± 0.0 | **55.0 ± 5.0** | 8 | - |"
     )
-    assert lines[4] == "| d2mora (adapter.r=8) | likelihood | 1,234 | 42 | 75.0 | 75.0 | **75.0** | 8 |"
+    assert lines[4] == "| d2mora (adapter.r=8) | likelihood | 1,234 | 42 | 75.0 | 75.0 | **75.0** | 8 | - |"
     assert "Model: tiny." in table and "Items per task: BoolQ 4, PIQA 4." in table
     written = (out / "comparison.md").read_text()
     assert written.startswith("\n".join(lines[:5])) and "![comparison](comparison.png)" in written
@@ -205,9 +206,19 @@ def test_compare_reads_a_real_evaluation_folder(tmp_path, tiny_model_dir, capsys
     metadata = {"label": "base", "model": "tiny", "method": "base", "trainable_parameters": 0}
     result = evaluate(model, tokenizer, bundled_files(), max_items=3, output_dir=tmp_path / "eval", metadata=metadata)
     assert main(["compare", str(tmp_path / "eval"), "--out", str(tmp_path / "out")]) == 0
-    row = capsys.readouterr().out.splitlines()[2]
+    printed = capsys.readouterr().out
+    row = printed.splitlines()[2]
     cells = [f"{result.accuracy[task]:.1f}" for task in TASKS]
-    assert row == f"| base | likelihood | 0 | - | {cells[0]} | {cells[1]} | **{result.average:.1f}** | 6 |"
+    # the prediction files give how concentrated the predictions are, and the majority-label baseline
+    shares, majority = [], []
+    for rows in result.predictions.values():
+        predicted = [r["prediction"] for r in rows]
+        gold = [r["answer"] for r in rows]
+        shares.append(100 * max(predicted.count(p) for p in predicted) / len(rows))
+        majority.append(100 * max(gold.count(a) for a in gold) / len(rows))
+    top = f"{sum(shares) / len(shares):.0f}"
+    assert row == f"| base | likelihood | 0 | - | {cells[0]} | {cells[1]} | **{result.average:.1f}** | 6 | {top} |"
+    assert f"most frequent gold label would score BoolQ {majority[0]:.1f}, PIQA {majority[1]:.1f}" in printed
 
 
 @pytest.mark.parametrize(
@@ -275,6 +286,6 @@ def test_compare_shows_different_items_when_allowed(tmp_path, capsys):
     b = fabricated_run(tmp_path / "b", adapter={"r": 8}, accuracy={"boolq": 90.0}, counts={"boolq": 1}, max_items=1)
     assert main(["compare", str(a), str(b), "--out", str(tmp_path / "out"), "--allow-different-items"]) == 0
     table = capsys.readouterr().out
-    assert "| base (evaluation.max_items=1) | likelihood | 0 | - | 50.0 | - | **50.0** | 1 |" in table
-    row = "| d2mora (adapter.r=8, evaluation.max_items=1) | likelihood | 1,234 | 42 | 90.0 | - | **90.0** | 1 |"
+    assert "| base (evaluation.max_items=1) | likelihood | 0 | - | 50.0 | - | **50.0** | 1 | - |" in table
+    row = "| d2mora (adapter.r=8, evaluation.max_items=1) | likelihood | 1,234 | 42 | 90.0 | - | **90.0** | 1 | - |"
     assert row in table

@@ -21,6 +21,7 @@ import dataclasses
 import json
 import math
 import statistics
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +63,19 @@ class Result:
     seed: int | None
     #: The run's flattened config (None for a `moelora eval` folder).
     settings: dict[str, Any] | None
+    #: Per task, the gold answers and the predictions, from the predictions files beside the results (None when
+    #: those files are missing): they give the majority-label baseline and how concentrated the predictions are.
+    answers: dict[str, list[str]] | None = None
+    predictions: dict[str, list[str]] | None = None
+
+    @property
+    def top_share(self) -> float | None:
+        """Mean over tasks of the share (%) of the row's most frequent prediction: near 100 means the model
+        answers (almost) every item with one label, so its accuracy is that label's frequency."""
+        if not self.predictions:
+            return None
+        shares = [100.0 * Counter(p).most_common(1)[0][1] / len(p) for p in self.predictions.values() if p]
+        return sum(shares) / len(shares) if shares else None
 
     @property
     def average(self) -> float:
@@ -123,6 +137,7 @@ def _read_result(run: Path, file: Path, settings: dict[str, Any] | None, seed: i
     if bad:
         raise ValueError(f"{file}: no accuracy for task(s) {bad}")
     trainable = data.get("trainable_parameters")
+    answers, predictions = _read_predictions(file.parent, protocol, list(accuracy))
     return Result(
         run=run,
         file=file,
@@ -134,7 +149,33 @@ def _read_result(run: Path, file: Path, settings: dict[str, Any] | None, seed: i
         model=data.get("model"),
         seed=seed,
         settings=settings,
+        answers=answers,
+        predictions=predictions,
     )
+
+
+def _read_predictions(
+    folder: Path, protocol: str, tasks: list[str]
+) -> tuple[dict[str, list[str]] | None, dict[str, list[str]] | None]:
+    """Gold answers and predictions per task from `predictions_<protocol>_<task>.jsonl`; (None, None) unless every
+    task has its file."""
+    answers, predictions = {}, {}
+    for task in tasks:
+        path = folder / f"predictions_{protocol}_{task}.jsonl"
+        if not path.is_file():
+            return None, None
+        try:
+            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: invalid JSON line: {error}") from None
+        answers[task] = [str(row.get("answer", "")) for row in rows]
+        predictions[task] = [str(row.get("prediction")) for row in rows]
+    return answers, predictions
+
+
+def majority_label_accuracy(answers: dict[str, list[str]]) -> dict[str, float]:
+    """Per task, the accuracy of always answering the task's most frequent gold label on these items."""
+    return {task: 100.0 * Counter(gold).most_common(1)[0][1] / len(gold) for task, gold in answers.items() if gold}
 
 
 def _simple(value: Any) -> bool:
@@ -277,6 +318,11 @@ def _seeds(row: Row) -> str:
     return ", ".join("?" if seed is None else str(seed) for seed in seeds)
 
 
+def _top_share(row: Row) -> str:
+    shares = [result.top_share for result in row.results]
+    return "-" if any(share is None for share in shares) else f"{sum(shares) / len(shares):.0f}"
+
+
 def _trainable(row: Row) -> str:
     counts = sorted({result.trainable for result in row.results if result.trainable is not None})
     return " / ".join(f"{count:,}" for count in counts) or "-"
@@ -296,6 +342,7 @@ def comparison_markdown(rows: Sequence[Row]) -> str:
         *(_display(task) for task in tasks),
         "Avg",
         "items",
+        "top pred. %",
     ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
@@ -308,6 +355,7 @@ def comparison_markdown(rows: Sequence[Row]) -> str:
             *(_cell(row.values(task)) if task in row.tasks else "-" for task in tasks),
             f"**{_cell(row.averages())}**",
             str(sum(row.results[0].counts.values())),
+            _top_share(row),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     notes = [
@@ -316,10 +364,22 @@ def comparison_markdown(rows: Sequence[Row]) -> str:
     ]
     if len(models) == 1:
         notes.append(f"Model: {next(iter(models))}.")
+    notes.append(
+        "top pred. %: the share of a row's most frequent prediction, averaged over tasks (mean over seeds); near "
+        "100 the row answers every item of a task with one label and its accuracy is that label's frequency."
+    )
     counts = {json.dumps(result.counts, sort_keys=True) for row in rows for result in row.results}
     if len(counts) == 1:
         items = rows[0].results[0].counts
         notes.append("Items per task: " + ", ".join(f"{_display(task)} {n}" for task, n in items.items()) + ".")
+        answers = next((r.answers for row in rows for r in row.results if r.answers), None)
+        if answers:
+            majority = majority_label_accuracy(answers)
+            notes.append(
+                "Always answering each task's most frequent gold label would score "
+                + ", ".join(f"{_display(task)} {value:.1f}" for task, value in majority.items())
+                + f", Avg {sum(majority.values()) / len(majority):.1f}."
+            )
     else:
         notes.append("Rows were evaluated on different tasks or items: their accuracies are not comparable.")
     return "\n".join(lines) + "\n\n" + " ".join(notes)
