@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -289,3 +290,15 @@ def test_compare_shows_different_items_when_allowed(tmp_path, capsys):
     assert "| base (evaluation.max_items=1) | likelihood | 0 | - | 50.0 | - | **50.0** | 1 | - |" in table
     row = "| d2mora (adapter.r=8, evaluation.max_items=1) | likelihood | 1,234 | 42 | 90.0 | - | **90.0** | 1 | - |"
     assert row in table
+
+
+def test_report_header_ignores_the_order_of_target_modules():
+    from moelora.report import Run, _config_differences
+
+    def run(**adapter):
+        return Run(Path("x"), "x", "d2mora", adapter, None)
+
+    same = [run(target_modules=["k_proj", "v_proj"], r=8), run(target_modules=["v_proj", "k_proj"], r=8)]
+    assert _config_differences(same) == []
+    other = [run(target_modules=["k_proj"], r=8), run(target_modules=["q_proj"], r=4)]
+    assert _config_differences(other) == ["`r` 8 vs 4", "`target_modules` ['k_proj'] vs ['q_proj']"]

@@ -421,16 +421,25 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows)]
 
 
+_SET_FIELDS = {"target_modules", "exclude_modules", "modules_to_save"}
+
+
 def _config_differences(runs: Sequence[Run]) -> list[str]:
     """Adapter fields that differ between the runs, for the report's header."""
     if len(runs) < 2:
         return []
     ignored = {"base_model_name_or_path", "peft_version", "revision"}
     first, second = runs[0].adapter_config, runs[1].adapter_config
+
+    def value(config: dict, key: str) -> Any:
+        # PEFT stores target_modules as a set, saved as a list in the process's hash order: compare as a set
+        field = config.get(key)
+        return sorted(field) if key in _SET_FIELDS and isinstance(field, list) else field
+
     return [
-        f"`{key}` {first.get(key)!r} vs {second.get(key)!r}"
+        f"`{key}` {value(first, key)!r} vs {value(second, key)!r}"
         for key in sorted(set(first) | set(second))
-        if key not in ignored and first.get(key) != second.get(key)
+        if key not in ignored and value(first, key) != value(second, key)
     ]
 
 
