@@ -388,6 +388,7 @@ def comparison_markdown(rows: Sequence[Row]) -> str:
 def plot_comparison(rows: Sequence[Row], path: Path) -> Path:
     """Grouped bars (tasks and Avg on the x axis, one bar per row, error bars = std over seeds); one panel
     per protocol."""
+    from matplotlib import colormaps
     from matplotlib.figure import Figure
 
     protocols = list(dict.fromkeys(row.protocol for row in rows))
@@ -396,6 +397,7 @@ def plot_comparison(rows: Sequence[Row], path: Path) -> Path:
     groups = [*(_display(task) for task in tasks), "Avg"]
     figure = Figure(figsize=(max(6.0, 0.9 * len(groups) + 3) + 3, 3.4 * len(protocols)), layout="constrained")
     axes = figure.subplots(len(protocols), 1, squeeze=False)[:, 0]
+    colors = colormaps["turbo"]
     for ax, protocol in zip(axes, protocols, strict=True):
         panel = [row for row in rows if row.protocol == protocol]
         width = 0.8 / len(panel)
@@ -404,7 +406,9 @@ def plot_comparison(rows: Sequence[Row], path: Path) -> Path:
             means = [sum(s) / len(s) for s in samples]
             errors = [statistics.stdev(s) if len(s) > 1 else math.nan for s in samples]  # no bar for one run
             xs = [g + (index - (len(panel) - 1) / 2) * width for g in range(len(groups))]
-            ax.bar(xs, means, width, yerr=errors, capsize=2, label=row.name)
+            # beyond 10 rows matplotlib's default colour cycle repeats: spread the rows over a colormap instead
+            color = colors(index / max(1, len(panel) - 1)) if len(panel) > 10 else None
+            ax.bar(xs, means, width, yerr=errors, capsize=2, label=row.name, color=color)
         ax.set_xticks(range(len(groups)), groups, fontsize=8)
         ax.set_ylabel("accuracy (%)")
         ax.set_ylim(0, 100)
