@@ -302,3 +302,14 @@ def test_report_header_ignores_the_order_of_target_modules():
     assert _config_differences(same) == []
     other = [run(target_modules=["k_proj"], r=8), run(target_modules=["q_proj"], r=4)]
     assert _config_differences(other) == ["`r` 8 vs 4", "`target_modules` ['k_proj'] vs ['q_proj']"]
+
+
+def test_report_labels_runs_by_parent_folder_when_names_collide(tmp_path):
+    from moelora.report import _unique_labels
+
+    assert _unique_labels([tmp_path / "a", tmp_path / "b"]) == ["a", "b"]
+    assert _unique_labels([tmp_path / "d2mora" / "seed42", tmp_path / "no_ortho" / "seed42"]) == [
+        "d2mora/seed42",
+        "no_ortho/seed42",
+    ]
+    assert _unique_labels([tmp_path / "x" / "s", tmp_path / "y" / "x" / "s"]) == ["run1 (s)", "run2 (s)"]

@@ -620,8 +620,15 @@ def _evaluation_files(run: Run, data: Mapping[str, str] | None) -> tuple[dict[st
 
 
 def _unique_labels(paths: Sequence[Path]) -> list[str]:
+    """Folder names; when they collide (`d2mora/seed42` vs `d2mora_no_ortho/seed42`), parent/name; failing
+    that, run1 (name), run2 (name)."""
     names = [path.resolve().name for path in paths]
-    return names if len(set(names)) == len(names) else [f"run{i + 1} ({name})" for i, name in enumerate(names)]
+    if len(set(names)) == len(names):
+        return names
+    longer = [f"{path.resolve().parent.name}/{path.resolve().name}" for path in paths]
+    if len(set(longer)) == len(longer):
+        return longer
+    return [f"run{i + 1} ({name})" for i, name in enumerate(names)]
 
 
 def report(
