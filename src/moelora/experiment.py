@@ -291,10 +291,6 @@ def run_experiment(
     return summary
 
 
-def _finished(runs: list[PlannedRun]) -> list[PlannedRun]:
-    return [run for run in runs if (run.folder / "train_metrics.json").is_file() and run_state(run) == "done"]
-
-
 def write_summary(experiment: Experiment) -> Path:
     """Per group `GROUP/comparison.{md,png}`, the reports, and `experiment.md` with the run table."""
     from .compare import compare
@@ -302,10 +298,11 @@ def write_summary(experiment: Experiment) -> Path:
 
     out = experiment.output_dir
     out.mkdir(parents=True, exist_ok=True)
+    done = {run.key for run in experiment.runs if run_state(run) == "done"}
     lines = [f"# Experiment `{experiment.path}`", ""]
     for group in dict.fromkeys(run.group for run in experiment.runs):
         members = [run for run in experiment.runs if run.group == group]
-        finished = _finished(members)
+        finished = [run for run in members if run.key in done]
         lines += [f"## {group}", ""]
         if not finished:
             lines += ["No finished runs yet.", ""]
@@ -321,12 +318,12 @@ def write_summary(experiment: Experiment) -> Path:
             cells += [f"{metrics['tokens_seen']:,}", f"{metrics['train_runtime']:.0f}"]
             cells += [f"{metrics['train_tokens_per_second']:.0f}"]
             lines.append("| " + " | ".join(str(cell) for cell in cells) + " |")
-        missing = [run.key for run in members if run not in finished]
+        missing = [run.key for run in members if run.key not in done]
         lines += ["", *([f"Not finished: {', '.join(missing)}.", ""] if missing else [])]
     by_key = {run.key: run for run in experiment.runs}
     for members in experiment.reports:
         runs = [by_key[key] for key in members]
-        if all(run in _finished([run]) for run in runs):
+        if all(run.key in done for run in runs):
             target = out / "reports" / "__".join(key.replace("/", ".") for key in members)
             markdown = report([run.folder for run in runs], out=target)
             lines += [f"Report of {' vs '.join(members)}: [{markdown.relative_to(out)}]({markdown.relative_to(out)})"]

@@ -19,6 +19,8 @@ from contextlib import contextmanager
 
 import torch
 
+from .layer import compute_dtype
+
 
 def draw_keep_masks(shape: tuple[int, ...], p: float, like: torch.Tensor) -> torch.Tensor:
     """Keep-masks (1 = kept) with P(keep) = 1 - p, from the generator of `like`'s device."""
@@ -40,16 +42,11 @@ def _replayed_rng(device: torch.device, state: torch.Tensor):
         yield
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    device_type = x.device.type
-    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
-
-
 class _ExpertDropoutProjection(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, p: float) -> torch.Tensor:
         experts, rank, features = weight.shape
-        dtype = _compute_dtype(x)
+        dtype = compute_dtype(x, x.dtype)
         ctx.rng_state = _rng_state(x.device)
         ctx.p, ctx.dtype = p, dtype
         ctx.save_for_backward(x, weight)

@@ -40,6 +40,13 @@ def in_backward_pass() -> bool:
     return task_id is not None and task_id() != -1
 
 
+def compute_dtype(x: torch.Tensor, default: torch.dtype) -> torch.dtype:
+    """The dtype a hand-written GEMM should run in: the autocast dtype when autocast is on for x's device (custom
+    autograd functions and grouped GEMMs are not autocast-aware), else `default`."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else default
+
+
 @dataclass
 class ModelCall:
     """What the tuner knows of the current model call, shared by all its layers."""

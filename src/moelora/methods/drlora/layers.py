@@ -40,15 +40,9 @@ from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 from torch.func import functional_call
 
-from ...core.layer import AdapterStateLayer, ModelCall, in_backward_pass
+from ...core.layer import AdapterStateLayer, ModelCall, compute_dtype, in_backward_pass
 from .config import DRLoRAConfig
 from .layout import ExpertLayout, ExpertShapes, grouped_linear, shapes_of
-
-
-def _compute_dtype(x: torch.Tensor, adapter_dtype: torch.dtype) -> torch.dtype:
-    """The autocast dtype when autocast is on (grouped GEMMs are not autocast-aware), else the adapter's."""
-    device = x.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else adapter_dtype
 
 
 class _GradientGate(torch.autograd.Function):
@@ -202,7 +196,7 @@ class DRLoRAExperts(DRLoRALayer):
             if matrix not in self.adapter_config[adapter_name].expert_matrices:
                 continue
             A, B = self.lora_weights(adapter_name, matrix)
-            dtype = _compute_dtype(x, A.dtype)
+            dtype = compute_dtype(x, A.dtype)
             dropped = F.dropout(x, self.adapter_config[adapter_name].lora_dropout, self.training)
             u = grouped_linear(dropped.to(dtype), A.to(dtype), offsets)  # [S, r_max]
             u = u * self.slice_scale(adapter_name, matrix)[expert_ids].to(dtype)
