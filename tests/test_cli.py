@@ -58,6 +58,25 @@ def test_train_then_eval_from_the_command_line(tmp_path, tiny_model_dir, capsys)
     assert json.loads((tmp_path / "eval" / "results_likelihood.json").read_text())["counts"] == {"piqa": 3}
 
 
+def test_text_targets_train_and_the_cloze_protocol_evaluates(tmp_path, tiny_model_dir, capsys):
+    config, run = tmp_path / "run.yaml", tmp_path / "run"
+    write_config(config, tiny_model_dir, run)
+    overrides = ["data.target=text", "evaluation.protocols=[cloze]", "evaluation.max_items=3"]
+    assert main(["train", str(config), *overrides]) == 0
+    table = capsys.readouterr().out
+    for row in ("| base | cloze | 0 |", "| base | cloze_norm | 0 |", "| d2mora | cloze |", "| d2mora | cloze_norm |"):
+        assert row in table
+    for label in ("base", "d2mora"):
+        for protocol in ("cloze", "cloze_norm"):
+            assert json.loads((run / f"eval_{label}" / f"results_{protocol}.json").read_text())["counts"]["piqa"] == 3
+    tasks = len(bundled_train_sources(include_approx=False))
+    assert json.loads((run / "train_metrics.json").read_text())["train_records"] == 4 * tasks
+
+    code = main(["eval", "--adapter", str(run), "--protocol", "cloze", "--max-items", "2",
+                 "--test", f"ARC-Easy={resolve_test_files(BUNDLED)['ARC-Easy']}"])  # fmt: skip
+    assert code == 0 and "| d2mora | cloze_norm |" in capsys.readouterr().out
+
+
 def test_a_second_train_into_the_same_folder_is_refused(tmp_path, tiny_model_dir, capsys):
     config, run = tmp_path / "run.yaml", tmp_path / "run"
     write_config(config, tiny_model_dir, run)
@@ -76,6 +95,8 @@ def test_a_second_train_into_the_same_folder_is_refused(tmp_path, tiny_model_dir
         ("method=no_such_method", "no_such_method"),
         ("data.train_files=[boolq=/nonexistent/train.json]", "/nonexistent/train.json"),
         ("model_dtype=fp8", "model_dtype: expected one of fp32, bf16, fp16, got 'fp8'"),
+        ("data.target=words", "data.target: expected one of label, text, got 'words'"),
+        ("evaluation.protocols=[likelihood,cloz]", "evaluation.protocols: unknown ['cloz']"),
     ],
 )
 def test_bad_settings_give_one_line_errors(tmp_path, tiny_model_dir, capsys, override, message):

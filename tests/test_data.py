@@ -27,9 +27,11 @@ from moelora.data import (
     load_records,
     parse_sources,
     shuffle_answers,
+    to_text_targets,
     tokenize_record,
+    tokenize_records,
 )
-from moelora.tasks import TASKS
+from moelora.tasks import TASKS, split_options
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data" / "commonsense"
@@ -405,6 +407,32 @@ def test_build_datasets(tokenizer: PreTrainedTokenizerFast) -> None:
     assert all(labels[0] == -100 and labels[-1] == tokenizer.eos_token_id for labels in masked["labels"])
 
 
+def test_records_without_a_label_token_are_dropped_and_counted(tokenizer, caplog) -> None:
+    """With train_on_inputs=False a record whose prompt fills cutoff_len has no label left: it is dropped before
+    training (a batch of such records would have a loss of 0/0), and the count is logged."""
+    records = [{**record, "task": "boolq"} for record in boolq_records(12)]
+    long_question = "Please answer the following question with true or false, question: " + "question1 " * 40 + "?"
+    for index in (2, 7):
+        records[index] = {**records[index], "instruction": long_question}
+    with caplog.at_level("WARNING", logger="moelora.data"):
+        train, _ = build_datasets(records, tokenizer, val_size=0, cutoff_len=48, train_on_inputs=False)
+    assert len(train) == 10 and all(any(label != -100 for label in row) for row in train["labels"])
+    assert "dropped 2 of 12 records" in caplog.text and "cutoff_len=48" in caplog.text
+    kept, _ = build_datasets(records, tokenizer, val_size=0, cutoff_len=48, train_on_inputs=True)
+    assert len(kept) == 12  # with the loss on the prompt every record has labels
+    with pytest.raises(DataError) as error:
+        build_datasets(records[2:3] + records[7:8], tokenizer, val_size=0, cutoff_len=48, train_on_inputs=False)
+    assert_data_error(error, "cutoff_len=48")
+
+
+def test_batched_tokenisation_equals_one_record_at_a_time(tokenizer) -> None:
+    records = boolq_records(7)
+    batch = tokenize_records(records, tokenizer, cutoff_len=20, train_on_inputs=False)
+    for index, record in enumerate(records):
+        one = tokenize_record(record, tokenizer, cutoff_len=20, train_on_inputs=False)
+        assert one == {key: values[index] for key, values in batch.items()}
+
+
 @pytest.mark.parametrize("val_size", [30, 31, -1])
 def test_val_size_too_large(tokenizer: PreTrainedTokenizerFast, val_size: int) -> None:
     with pytest.raises(DataError) as error:
@@ -418,6 +446,80 @@ def test_build_datasets_names_record_with_input(tokenizer: PreTrainedTokenizerFa
     with pytest.raises(DataError) as error:
         build_datasets(records, tokenizer, val_size=1)
     assert_data_error(error, "record 3", "boolq", "'input'")
+
+
+# ----------------------------------------------------------------------------------- options and text targets
+
+
+def _all_real_files() -> list[tuple[str, Path]]:
+    files = [(task, path) for task, path in bundled_train_sources().items()]
+    files += [(task, path) for task, path in bundled_test_files().items()]
+    if SHARED.is_dir():  # the full data, where ../shared is beside the checkout (CI has it)
+        files += [(path.parent.name, path) for path in sorted(SHARED.glob("*/*/*.json"))]
+        files += [(path.parent.name, path) for path in sorted(SHARED.glob("train/per_task/*/*.json"))]
+    return files
+
+
+def test_every_real_instruction_splits_into_question_and_options() -> None:
+    checked = 0
+    for task, path in _all_real_files():
+        for record in load_records(path, task):
+            question, options = split_options(TASKS[task], record["instruction"])
+            assert question and record["answer"] in options, (path, record)
+            prefix = TASKS[task].option_prefix
+            assert prefix is None or f"{prefix}1: " not in question
+            checked += 1
+    assert checked > 2000
+
+
+def test_split_options_reads_each_layout() -> None:
+    piqa = "Please choose the correct solution to the question: Open a jar?\n\nSolution1: twist it\n\nSolution2: "
+    piqa += "hit it\n\nAnswer format: solution1/solution2"
+    assert split_options(TASKS["piqa"], piqa) == ("Open a jar?", {"solution1": "twist it", "solution2": "hit it"})
+    wino = "Please choose the correct answer to fill in the blank to complete the given sentence: A beat B so _ won."
+    wino += "\n\nOption1: A Option2: B Answer format: option1/option2"
+    assert split_options(TASKS["winogrande"], wino) == ("A beat B so _ won.", {"option1": "A", "option2": "B"})
+    siqa = "Please choose the correct answer to the question: Why?\n\nAnswer1: x Answer2: y Answer3: z w\n\n"
+    siqa += "Answer format: answer1/answer2/answer3"
+    assert split_options(TASKS["social_i_qa"], siqa)[1] == {"answer1": "x", "answer2": "y", "answer3": "z w"}
+    boolq = "Please answer the following question with true or false, question: is it?\n\nAnswer format: true/false"
+    assert split_options(TASKS["boolq"], boolq) == ("is it?", {"true": "true", "false": "false"})
+
+
+@pytest.mark.parametrize(
+    "task, instruction, message",
+    [
+        ("piqa", "Choose: Why?\n\nSolution1: a\n\nSolution2: b", "does not start with the task's opening"),
+        ("piqa", "Please choose the correct solution to the question: Why?\n\nSolution1: a\n\nAnswer format: "
+         "solution1/solution2", "option marker 'Solution2:' not found"),
+        ("ARC-Easy", "Please choose the correct answer to the question: Q\n\nAnswer1:  Answer2: b\n\nAnswer "
+         "format: answer1/answer2", "option answer1 has no text"),
+    ],
+)  # fmt: skip
+def test_split_options_refuses_other_layouts(task: str, instruction: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        split_options(TASKS[task], instruction)
+
+
+def test_text_targets_put_the_option_text_in_the_response() -> None:
+    piqa = json.loads(bundled_train_sources()["piqa"].read_text())[0]
+    (converted,) = to_text_targets([{**piqa, "task": "piqa"}])
+    question, options = split_options(TASKS["piqa"], piqa["instruction"])
+    assert converted["instruction"] == question and converted["output"] == options[piqa["answer"]]
+    assert converted["answer"] == piqa["answer"] and converted["task"] == "piqa"
+    assert "Solution1" not in format_prompt(converted) and "the correct answer is" not in format_prompt(converted)
+
+
+@pytest.mark.parametrize(
+    "change, parts",
+    [({"task": None}, ["record 0", "known task"]), ({"answer": "solution3"}, ["record 0", "'answer'"]),
+     ({"instruction": "Please choose the correct solution to the question: x"}, ["record 0", "'instruction'"])],
+)  # fmt: skip
+def test_text_targets_name_the_record_they_cannot_convert(change: dict, parts: list[str]) -> None:
+    piqa = json.loads(bundled_train_sources()["piqa"].read_text())[0]
+    with pytest.raises(DataError) as error:
+        to_text_targets([{**piqa, "task": "piqa", **change}])
+    assert_data_error(error, *parts)
 
 
 # ------------------------------------------------------------------------------------------- bundled sample

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from moelora.config import BUNDLED, resolve_test_files
 from moelora.data import load_records
 from moelora.evaluation import EvalResult, _likelihood, candidate_labels, evaluate, results_to_markdown
-from moelora.tasks import EVAL_TEMPLATE, TASKS, Task
+from moelora.tasks import EVAL_TEMPLATE, TASKS, Task, split_options
 
 
 @pytest.fixture(scope="module")
@@ -162,3 +162,65 @@ def test_random_subset_is_fixed_per_seed_and_recorded(tiny, tmp_path):
     records = load_records(files["piqa"], "piqa")
     assert [row["index"] for row in rows] == indices  # indices into the file, so items can be looked up
     assert [row["instruction"] for row in rows] == [records[i]["instruction"] for i in indices]
+
+
+# ------------------------------------------------------------------------------------------------ cloze
+
+
+def brute_force_cloze(model, tokenizer, prompt: str, option: str) -> float:
+    """Log-probability of the option's tokens after the prompt, one forward pass, computed without moelora's
+    batching: the trailing indent of the prompt joins the option (lm-eval's rule), and the option's tokens are
+    those that follow the stripped prompt's own tokens in the tokenised whole."""
+    stripped = prompt.rstrip()
+    ids = tokenizer(prompt + option, return_tensors="pt")["input_ids"]
+    start = len(tokenizer(stripped)["input_ids"])
+    with torch.no_grad():
+        log_probs = torch.log_softmax(model(input_ids=ids).logits[0].double(), dim=-1)
+    return sum(float(log_probs[p - 1, ids[0, p]]) for p in range(start, ids.shape[1]))
+
+
+def test_cloze_scores_option_texts_after_the_bare_question(tiny, tmp_path):
+    model, tokenizer = tiny
+    files = bundled("boolq", "piqa", "winogrande", "ARC-Challenge", "hellaswag")
+    result = evaluate(
+        model, tokenizer, files, protocol="cloze", max_items=5, batch_size=3, show_progress=False, output_dir=tmp_path
+    )
+    (normalised,) = result.variants
+    assert (result.protocol, normalised.protocol) == ("cloze", "cloze_norm")
+    for task, path in files.items():
+        for record, row, row_norm in zip(
+            load_records(path, task)[:5], result.predictions[task], normalised.predictions[task], strict=True
+        ):
+            question, options = split_options(TASKS[task], record["instruction"])
+            assert "Answer format" not in question and f"{TASKS[task].option_prefix}1: " not in question
+            prompt = EVAL_TEMPLATE.format(instruction=question)
+            expected = {label: brute_force_cloze(model, tokenizer, prompt, text) for label, text in options.items()}
+            assert row["scores"] == pytest.approx(expected, abs=1e-3)
+            assert row["prediction"] == max(expected, key=expected.get)
+            per_char = {label: expected[label] / len(options[label]) for label in options}
+            assert row_norm["prediction"] == max(per_char, key=per_char.get)
+            assert row_norm["correct"] == (row_norm["prediction"] == record["answer"])
+    for protocol in ("cloze", "cloze_norm"):
+        written = json.loads((tmp_path / f"results_{protocol}.json").read_text())
+        assert written["protocol"] == protocol and set(written["accuracy"]) == set(files)
+        assert (tmp_path / f"predictions_{protocol}_piqa.jsonl").is_file()
+
+
+def test_cloze_norm_can_disagree_with_cloze(tiny):
+    """acc_norm divides by the option's length in characters: on items with options of different lengths the two
+    rules must pick differently somewhere, or the normalisation would not be applied."""
+    model, tokenizer = tiny
+    result = evaluate(model, tokenizer, bundled("ARC-Easy", "piqa"), protocol="cloze", max_items=20, batch_size=8,
+                      show_progress=False)  # fmt: skip
+    raw = [row["prediction"] for rows in result.predictions.values() for row in rows]
+    normalised = [row["prediction"] for rows in result.variants[0].predictions.values() for row in rows]
+    assert raw != normalised
+
+
+def test_cloze_refuses_an_instruction_without_its_options(tiny, tmp_path):
+    model, tokenizer = tiny
+    broken = tmp_path / "piqa.json"
+    instruction = "Please choose the correct solution to the question: Why?\n\nAnswer format: solution1/solution2"
+    broken.write_text(json.dumps([{"instruction": instruction, "output": "x", "answer": "solution1"}]))
+    with pytest.raises(ValueError, match="cloze protocol: piqa: option marker 'Solution1:' not found"):
+        evaluate(model, tokenizer, {"piqa": broken}, protocol="cloze", show_progress=False)

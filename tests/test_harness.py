@@ -85,3 +85,20 @@ def test_eval_command_runs_the_harness(tiny_model_dir, tmp_path, capsys):
     assert "| base | lm-eval-likelihood |" in capsys.readouterr().out
     written = json.loads((tmp_path / "results_lm-eval-likelihood.json").read_text())
     assert written["counts"] == {"boolq": 3} and written["settings"]["max_items"] == 3
+
+
+def test_lm_eval_cloze_reproduces_moelora_cloze_and_cloze_norm(tiny_adapted_model, tmp_path):
+    model, tokenizer = tiny_adapted_model
+    files = {task: path for task, path in bundled_test_files().items() if task in (*TASKS, "winogrande", "hellaswag")}
+    ours = evaluate(model, tokenizer, files, protocol="cloze", max_items=6, show_progress=False)
+    theirs = evaluate_with_lm_eval(model, tokenizer, files, protocol="cloze", max_items=6, output_dir=tmp_path)
+
+    for mine, other in ((ours, theirs), (ours.variants[0], theirs.variants[0])):
+        assert _predictions(other) == _predictions(mine)
+        assert other.accuracy == pytest.approx(mine.accuracy)
+    assert _predictions(ours) != _predictions(ours.variants[0]), "the check needs acc and acc_norm to differ"
+    for task, rows in theirs.predictions.items():
+        for mine, other in zip(ours.predictions[task], rows, strict=True):
+            assert other["scores"] == pytest.approx(mine["scores"], abs=1e-3)
+    for protocol in ("lm-eval-cloze", "lm-eval-cloze_norm"):
+        assert json.loads((tmp_path / f"results_{protocol}.json").read_text())["protocol"] == protocol

@@ -7,6 +7,7 @@ read the converted folder.
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -14,7 +15,13 @@ from transformers import AutoModelForCausalLM
 
 from moelora.config import BUNDLED, resolve_test_files
 from moelora.evaluation import evaluate
-from moelora.models import DEFAULT_MODEL, default_model_path, load_model_and_tokenizer, smollm2_gguf_path
+from moelora.models import (
+    DEFAULT_MODEL,
+    _convert_gguf,
+    default_model_path,
+    load_model_and_tokenizer,
+    smollm2_gguf_path,
+)
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +35,17 @@ def test_converted_folder_is_a_plain_safetensors_model():
     assert "quantization_config" not in config
     assert (folder / "model.safetensors").is_file()
     assert not list(folder.glob("*.bin")) and not list(folder.glob("*.gguf"))
+
+
+def test_a_conversion_that_loses_the_race_uses_the_winners_folder(tmp_path):
+    """Runs started side by side (`moelora experiment`) convert at once: the later rename finds the folder there,
+    keeps it and leaves no staging folder behind."""
+    target = tmp_path / "models" / DEFAULT_MODEL
+    shutil.copytree(default_model_path(), target)  # the winner's folder
+    first = (target / "model.safetensors").stat().st_mtime_ns
+    _convert_gguf(smollm2_gguf_path(), target)
+    assert (target / "model.safetensors").stat().st_mtime_ns == first
+    assert [path.name for path in target.parent.iterdir()] == [DEFAULT_MODEL]
 
 
 def test_converted_model_computes_what_the_gguf_file_computes(smollm2):

@@ -79,7 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--test", action="append", default=[], metavar="TASK=PATH", help="test file (repeatable); default: bundled"
     )
-    evaluate.add_argument("--protocol", action="append", choices=["likelihood", "generate"], default=None)
+    evaluate.add_argument(
+        "--protocol", action="append", choices=["likelihood", "generate", "cloze"], default=None,
+        help="likelihood (default): the label targets scored | generate: beam search and answer extraction, the "
+        "LLM-Adapters protocol | cloze: option texts scored after the bare question, acc and acc_norm (writes "
+        "cloze and cloze_norm), for small models and text targets. Repeatable.",
+    )  # fmt: skip
     evaluate.add_argument("--max-items", type=int, default=None, help="items per task (default: all)")
     evaluate.add_argument(
         "--subset-seed", type=int, default=None, help="draw the --max-items items at random with this seed"
@@ -161,15 +166,15 @@ def _test_files(specs: list[str]) -> dict[str, str]:
 
 
 def run_evaluations(config, model, tokenizer, output_dir: Path, label: str, trainable: int | None):
-    """Evaluate with every configured protocol; returns the result objects."""
-    from .evaluation import evaluate
+    """Evaluate with every configured protocol; returns the result objects (variants such as cloze_norm included)."""
+    from .evaluation import evaluate, with_variants
 
     results = []
     for protocol in config.evaluation.protocols:
         max_items = config.evaluation.max_items
         if protocol == "generate" and config.evaluation.generate_max_items is not None:
             max_items = config.evaluation.generate_max_items
-        results.append(
+        results += with_variants(
             evaluate(
                 model,
                 tokenizer,
@@ -177,7 +182,7 @@ def run_evaluations(config, model, tokenizer, output_dir: Path, label: str, trai
                 protocol=protocol,
                 batch_size=config.evaluation.batch_size,
                 max_items=max_items,
-                subset_seed=config.evaluation.subset_seed,
+                subset_seed=config.evaluation.subset_seed if max_items is not None else None,
                 num_beams=config.evaluation.num_beams,
                 max_new_tokens=config.evaluation.max_new_tokens,
                 output_dir=output_dir / f"eval_{label}",
@@ -210,14 +215,14 @@ def command_train(config, resume: bool, overwrite: bool) -> int:
     )
     if not config.evaluation.test_files:
         return 0
-    rows = []
     result.model.eval()
-    if config.evaluation.evaluate_base_model:
-        with result.model.disable_adapter():
-            rows += run_evaluations(config, result.model, tokenizer, result.output_dir, "base", 0)
-    rows += run_evaluations(
+    # the tuned model first: a run stopped during evaluation has then kept what only it can give
+    rows = run_evaluations(
         config, result.model, tokenizer, result.output_dir, config.method, metrics["trainable_parameters"]
     )
+    if config.evaluation.evaluate_base_model:
+        with result.model.disable_adapter():
+            rows = run_evaluations(config, result.model, tokenizer, result.output_dir, "base", 0) + rows
     table = results_to_markdown(rows)
     (result.output_dir / "results.md").write_text(table + "\n")
     print(table)
@@ -228,7 +233,7 @@ def command_train(config, resume: bool, overwrite: bool) -> int:
 def command_eval(args) -> int:
     from peft import PeftConfig, PeftModel, get_peft_model_state_dict
 
-    from .evaluation import evaluate, results_to_markdown
+    from .evaluation import evaluate, results_to_markdown, with_variants
     from .harness import evaluate_with_lm_eval
     from .methods import method_name_of
     from .models import DEFAULT_MODEL, load_model_and_tokenizer, parse_dtype
@@ -251,19 +256,22 @@ def command_eval(args) -> int:
     model.eval()
     evaluator = evaluate_with_lm_eval if args.harness == "lm-eval" else evaluate
     results = [
-        evaluator(
-            model,
-            tokenizer,
-            _test_files(args.test),
-            protocol=protocol,
-            batch_size=args.batch_size,
-            max_items=args.max_items,
-            subset_seed=args.subset_seed,
-            num_beams=1 if args.greedy else 4,
-            output_dir=Path(args.output_dir) if args.output_dir else None,
-            metadata={"label": label, "model": model_name, "method": label, "trainable_parameters": trainable},
-        )
+        variant
         for protocol in args.protocol or ["likelihood"]
+        for variant in with_variants(
+            evaluator(
+                model,
+                tokenizer,
+                _test_files(args.test),
+                protocol=protocol,
+                batch_size=args.batch_size,
+                max_items=args.max_items,
+                subset_seed=args.subset_seed,
+                num_beams=1 if args.greedy else 4,
+                output_dir=Path(args.output_dir) if args.output_dir else None,
+                metadata={"label": label, "model": model_name, "method": label, "trainable_parameters": trainable},
+            )
+        )
     ]
     print(results_to_markdown(results))
     return 0

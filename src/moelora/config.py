@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+TARGETS = ("label", "text")
+
 
 @dataclass
 class DataConfig:
@@ -32,6 +34,14 @@ class DataConfig:
     cutoff_len: int = field(default=256, metadata={"help": "Maximum tokens per training example."})
     train_on_inputs: bool = field(default=True, metadata={"help": "Loss on the prompt too (the papers' default)."})
     template: str = field(default="d2mora", metadata={"help": "Training template: d2mora | llm_adapters."})
+    target: str = field(
+        default="label",
+        metadata={
+            "help": "label: the files' own targets, options in the instruction and 'the correct answer is <label>' "
+            "as the response (the papers) | text: the bare question as the instruction and the correct option's "
+            "text as the response, the form small models learn (evaluate it with the cloze protocol)."
+        },
+    )
     shuffled_label_control: bool = field(
         default=False,
         metadata={
@@ -39,6 +49,10 @@ class DataConfig:
             "tuned model must then score at its label-prior level)."
         },
     )
+
+    def __post_init__(self) -> None:
+        if self.target not in TARGETS:
+            raise ValueError(f"data.target: expected one of {', '.join(TARGETS)}, got {self.target!r}")
 
 
 @dataclass
@@ -99,14 +113,21 @@ class EvaluationConfig:
         default_factory=dict, metadata={"help": "task -> test file, or 'bundled' for the sample in the package."}
     )
     protocols: list[str] = field(
-        default_factory=lambda: ["likelihood", "generate"], metadata={"help": "likelihood and/or generate."}
+        default_factory=lambda: ["likelihood", "generate"],
+        metadata={
+            "help": "likelihood (label targets scored), generate (the LLM-Adapters protocol) and/or cloze (option "
+            "texts scored after the bare question, acc and acc_norm as lm-eval; for small models and text targets)."
+        },
     )
     max_items: int | None = field(
         default=None, metadata={"help": "Evaluate N items of each task: the first N, or a random draw (subset_seed)."}
     )
     subset_seed: int | None = field(
         default=None,
-        metadata={"help": "Draw the max_items items at random with this seed (the same items in every run)."},
+        metadata={
+            "help": "Draw the max_items (and generate_max_items) items at random with this seed (the same items in "
+            "every run); without a cap every item is evaluated."
+        },
     )
     generate_max_items: int | None = field(
         default=None, metadata={"help": "A separate, smaller cap for the (slower) generation protocol."}
@@ -119,6 +140,14 @@ class EvaluationConfig:
         default=32, metadata={"help": "New tokens per answer in the generate protocol (LLM-Adapters: 32)."}
     )
     evaluate_base_model: bool = field(default=False, metadata={"help": "Also evaluate the base model, side by side."})
+
+    def __post_init__(self) -> None:
+        # the evaluator's own list, checked here so that a typo fails before training, not after it
+        from .evaluation import PROTOCOLS
+
+        unknown = [protocol for protocol in self.protocols if protocol not in PROTOCOLS]
+        if unknown:
+            raise ValueError(f"evaluation.protocols: unknown {unknown}; choose from {', '.join(PROTOCOLS)}")
 
 
 @dataclass

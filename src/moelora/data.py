@@ -10,6 +10,7 @@ because a bad record in a 170k-record mix is otherwise hard to find.
 from __future__ import annotations
 
 import json
+import logging
 import random
 import re
 from collections.abc import Mapping, Sequence
@@ -20,7 +21,9 @@ from typing import Any
 
 import datasets
 
-from moelora.tasks import TASKS, TRAIN_TEMPLATES, get_task
+from moelora.tasks import TASKS, TRAIN_TEMPLATES, get_task, split_options
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "DataError",
@@ -33,7 +36,9 @@ __all__ = [
     "load_mixture",
     "load_records",
     "parse_sources",
+    "to_text_targets",
     "tokenize_record",
+    "tokenize_records",
 ]
 
 #: Hub dataset ids look like `owner/name`; anything else that does not exist is reported as a missing file.
@@ -251,6 +256,31 @@ def shuffle_answers(records: Sequence[Mapping[str, Any]], seed: int = 42) -> lis
     return shuffled
 
 
+def to_text_targets(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The text form of the training targets (`data.target: text`): the bare question as the instruction and the
+    correct option's text as the output, instead of the options-and-label form ("... Answer1: ... Answer2: ...",
+    "the correct answer is answer2"). Models below about a billion parameters do not learn to bind option labels
+    to option texts; in this form they learn what the cloze protocol then measures (its prompt is this
+    instruction, its continuations these outputs). Every record needs a known task and an `answer`.
+    """
+    converted = []
+    for index, record in enumerate(records):
+        task, answer = record.get("task"), record.get("answer")
+        if task is None or not answer:
+            raise DataError(
+                f"record {index}: text targets need a known task and an answer for every record "
+                f"(task {task!r}, answer {answer!r})"
+            )
+        try:
+            question, options = split_options(get_task(task), record["instruction"])
+        except ValueError as error:
+            raise DataError(f"record {index}: field 'instruction': {error}") from None
+        if answer not in options:
+            raise DataError(f"record {index} (task {task}): field 'answer' {answer!r} names none of the options")
+        converted.append({**record, "instruction": question, "output": options[answer]})
+    return converted
+
+
 # ------------------------------------------------------------------------------------ prompts and tokens
 
 
@@ -275,15 +305,49 @@ def format_prompt(record: Mapping[str, Any], template: str = "d2mora") -> str:
     return pattern.format(instruction=record["instruction"], output=record["output"])
 
 
-def _tokenize(tokenizer: Any, text: str, cutoff_len: int, add_eos: bool) -> tuple[list[int], list[int]]:
-    """LLM-Adapters' `tokenize`: truncate at cutoff_len, no padding, EOS appended only if there is room."""
-    encoded = tokenizer(text, truncation=True, max_length=cutoff_len, padding=False, return_tensors=None)
-    input_ids = list(encoded["input_ids"])
-    attention_mask = list(encoded["attention_mask"])
-    if add_eos and len(input_ids) < cutoff_len and (not input_ids or input_ids[-1] != tokenizer.eos_token_id):
-        input_ids.append(tokenizer.eos_token_id)
-        attention_mask.append(1)
-    return input_ids, attention_mask
+def _tokenize(tokenizer: Any, texts: list[str], cutoff_len: int, add_eos: bool) -> list[list[int]]:
+    """LLM-Adapters' `tokenize` over a batch: truncate at cutoff_len, no padding, EOS appended only if there is
+    room. (Without padding the attention mask is all ones, so it is not returned.)"""
+    encoded = tokenizer(texts, truncation=True, max_length=cutoff_len, padding=False, return_tensors=None)
+    eos = tokenizer.eos_token_id
+    batch = []
+    for ids in encoded["input_ids"]:
+        ids = list(ids)
+        if add_eos and len(ids) < cutoff_len and (not ids or ids[-1] != eos):
+            ids.append(eos)
+        batch.append(ids)
+    return batch
+
+
+def tokenize_records(
+    records: Sequence[Mapping[str, Any]],
+    tokenizer: Any,
+    cutoff_len: int = 256,
+    train_on_inputs: bool = True,
+    template: str = "d2mora",
+    add_eos: bool = True,
+) -> dict[str, list[list[int]]]:
+    """Token ids, attention masks and labels for a batch of records, as LLM-Adapters' `generate_and_tokenize_prompt`
+    does for each (one tokenizer call per batch, which the fast tokenizers run in parallel).
+
+    With `train_on_inputs=False` the first N labels are -100, N being the token count of the prompt alone
+    (the template with an empty output), tokenised the same way as the full text so that a BOS token the
+    tokenizer adds is counted on both sides. An EOS that the tokenizer itself appends to the prompt is not
+    counted: it would mask the first output token instead.
+    """
+    if add_eos and tokenizer.eos_token_id is None:
+        raise ValueError("add_eos=True needs a tokenizer with an eos_token_id")
+    full = _tokenize(tokenizer, [format_prompt(record, template) for record in records], cutoff_len, add_eos)
+    labels = [list(ids) for ids in full]
+    if not train_on_inputs:
+        prompts = [format_prompt({**record, "output": ""}, template) for record in records]
+        for row, prompt_ids in zip(labels, _tokenize(tokenizer, prompts, cutoff_len, False), strict=True):
+            prompt_len = len(prompt_ids)
+            if prompt_ids and prompt_ids[-1] == tokenizer.eos_token_id:
+                prompt_len -= 1
+            prompt_len = min(prompt_len, len(row))
+            row[:prompt_len] = [-100] * prompt_len
+    return {"input_ids": full, "attention_mask": [[1] * len(ids) for ids in full], "labels": labels}
 
 
 def tokenize_record(
@@ -294,25 +358,13 @@ def tokenize_record(
     template: str = "d2mora",
     add_eos: bool = True,
 ) -> dict[str, list[int]]:
-    """Token ids, attention mask and labels for one record, as LLM-Adapters' `generate_and_tokenize_prompt`.
+    """`tokenize_records` for one record."""
+    batch = tokenize_records([record], tokenizer, cutoff_len, train_on_inputs, template, add_eos)
+    return {key: values[0] for key, values in batch.items()}
 
-    With `train_on_inputs=False` the first N labels are -100, N being the token count of the prompt alone
-    (the template with an empty output), tokenised the same way as the full text so that a BOS token the
-    tokenizer adds is counted on both sides. An EOS that the tokenizer itself appends to the prompt is not
-    counted: it would mask the first output token instead.
-    """
-    if add_eos and tokenizer.eos_token_id is None:
-        raise ValueError("add_eos=True needs a tokenizer with an eos_token_id")
-    input_ids, attention_mask = _tokenize(tokenizer, format_prompt(record, template), cutoff_len, add_eos)
-    labels = list(input_ids)
-    if not train_on_inputs:
-        prompt_ids, _ = _tokenize(tokenizer, format_prompt({**record, "output": ""}, template), cutoff_len, False)
-        prompt_len = len(prompt_ids)
-        if prompt_ids and prompt_ids[-1] == tokenizer.eos_token_id:
-            prompt_len -= 1
-        prompt_len = min(prompt_len, len(labels))
-        labels[:prompt_len] = [-100] * prompt_len
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+def _has_label(labels: list[int]) -> bool:
+    return any(label != -100 for label in labels)
 
 
 def build_datasets(
@@ -330,7 +382,9 @@ def build_datasets(
     The split is `train_test_split(test_size=val_size, seed=seed)` as in LLM-Adapters, so the same records
     are held out; the follow-up shuffle is seeded too (the official one is not) to make runs repeatable.
     Only `input_ids`, `attention_mask` and `labels` remain: `task` and `answer` are not model inputs and
-    would break the collator.
+    would break the collator. Records left without a label token (with `train_on_inputs=False`, those whose
+    response lies beyond `cutoff_len`) are dropped, and the count is logged: they teach nothing, and a batch
+    made of them only would have a loss of 0/0.
     """
     if not records:
         raise DataError("empty dataset: no records to build datasets from")
@@ -345,13 +399,23 @@ def build_datasets(
         {field: [record.get(field, "") for record in records] for field in ("instruction", "input", "output")}
     )
 
-    def tokenize(record: dict[str, Any]) -> dict[str, list[int]]:
-        return tokenize_record(
-            record, tokenizer, cutoff_len=cutoff_len, train_on_inputs=train_on_inputs, template=template
+    def tokenize(batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
+        rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
+        return tokenize_records(
+            rows, tokenizer, cutoff_len=cutoff_len, train_on_inputs=train_on_inputs, template=template
         )
 
     def prepare(split: datasets.Dataset) -> datasets.Dataset:
-        return split.shuffle(seed=seed).map(tokenize, remove_columns=split.column_names)
+        tokenized = split.shuffle(seed=seed).map(tokenize, batched=True, remove_columns=split.column_names)
+        kept = tokenized.filter(_has_label, input_columns="labels")
+        if len(kept) < len(tokenized):
+            logger.warning(
+                "dropped %d of %d records whose response lies beyond cutoff_len=%d: with train_on_inputs=False "
+                "they have no label token left", len(tokenized) - len(kept), len(tokenized), cutoff_len
+            )  # fmt: skip
+        if not len(kept):
+            raise DataError(f"no record keeps a label token within cutoff_len={cutoff_len}; raise cutoff_len")
+        return kept
 
     if val_size == 0:
         return prepare(table), None

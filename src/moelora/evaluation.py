@@ -10,15 +10,22 @@
   Candidates are the labels named in the instruction's "Answer format:" hint (SIQA offers 3 of answer1..5).
   Deterministic, one forward pass per item (its candidates form one batch), and informative even before a
   small model has learned the answer format.
+- `cloze`: what lm-evaluation-harness does for PIQA, ARC, HellaSwag and the rest, and what small models can be
+  measured by (below about a billion parameters they do not learn to bind option labels to option texts).
+  The prompt holds the question alone (`tasks.split_options`: no options, no answer-format hint); each option's
+  text is scored by the sum of its tokens' log-probabilities after it. `cloze` predicts the best sum (lm-eval's
+  `acc`), `cloze_norm` the best sum per character of the option (lm-eval's `acc_norm`, which removes the bias
+  towards short options). Tokenisation follows lm-eval: the prompt's trailing whitespace moves into the
+  continuation, the whole text is tokenised at once and the continuation is what follows the prompt's tokens.
+  A model trained with `data.target: text` writes exactly these continuations.
 
-Both run in eval mode under inference_mode; results name their protocol.
+All run in eval mode under inference_mode; results name their protocol.
 """
 
 from __future__ import annotations
 
 import json
 import random
-import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -30,10 +37,11 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from .data import load_records
-from .tasks import EVAL_TEMPLATE, TASKS, Task, extract_answer, get_task
+from .tasks import EVAL_TEMPLATE, TASKS, Task, candidate_labels, extract_answer, get_task, split_options
 
-PROTOCOLS = ("likelihood", "generate")
-_ANSWER_FORMAT = re.compile(r"Answer format:\s*([\w/]+)")
+PROTOCOLS = ("likelihood", "generate", "cloze")
+#: Results a protocol writes besides its own: `cloze` scores once and predicts twice.
+VARIANTS = {"cloze": ("cloze_norm",)}
 
 
 @dataclass
@@ -44,6 +52,8 @@ class EvalResult:
     items_per_second: float
     metadata: dict[str, Any] = field(default_factory=dict)
     predictions: dict[str, list[dict[str, Any]]] = field(default_factory=dict, repr=False)
+    #: Results computed from the same scores under another rule (`cloze_norm` beside `cloze`).
+    variants: list[EvalResult] = field(default_factory=list, repr=False)
 
     @property
     def average(self) -> float:
@@ -61,13 +71,9 @@ class EvalResult:
         }
 
 
-def candidate_labels(task: Task, instruction: str) -> list[str]:
-    match = _ANSWER_FORMAT.search(instruction)
-    if match:
-        offered = [label for label in match.group(1).split("/") if label in task.labels]
-        if offered:
-            return offered
-    return list(task.labels)
+def with_variants(result: EvalResult) -> list[EvalResult]:
+    """The result followed by its variants, for tables and files that list every protocol."""
+    return [result, *result.variants]
 
 
 def _batches(order: list[int], size: int):
@@ -179,6 +185,83 @@ def _likelihood(model, tokenizer, task: Task, records: list[dict], prompts: list
     return results
 
 
+def cloze_prompt_and_options(task: Task, record: dict) -> tuple[str, dict[str, str]]:
+    """The cloze prompt (the evaluation template around the bare question) and the option texts, per label."""
+    try:
+        question, options = split_options(task, record["instruction"])
+    except ValueError as error:
+        raise ValueError(f"cloze protocol: {error}: {record['instruction'][:80]!r}...") from None
+    return EVAL_TEMPLATE.format(instruction=question), options
+
+
+def continuation_tokens(tokenizer, context: str, continuation: str) -> tuple[list[int], int]:
+    """lm-eval's `_encode_pair`: trailing whitespace of the context joins the continuation, the whole text is
+    tokenised at once, and the continuation is what follows the context's own tokens. Returns the token ids of
+    the whole text and where the continuation starts (always leaving it at least one token)."""
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    whole = tokenizer(context + continuation)["input_ids"]
+    start = min(len(tokenizer(context)["input_ids"]), len(whole) - 1)
+    return whole, start
+
+
+def _sequence_log_probs(model, sequences: list[tuple[list[int], int]], pad: int) -> list[float]:
+    """For each (token ids, continuation start), the summed log-probability of the continuation tokens, in one
+    right-padded forward pass."""
+    width = max(len(ids) for ids, _ in sequences)
+    input_ids = torch.full((len(sequences), width), pad, dtype=torch.long)
+    attention = torch.zeros_like(input_ids)
+    scored = torch.zeros((len(sequences), width - 1))  # position p scores token p + 1
+    for row, (ids, start) in enumerate(sequences):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        attention[row, : len(ids)] = 1
+        scored[row, start - 1 : len(ids) - 1] = 1
+    input_ids = input_ids.to(model.device)
+    logits = model(input_ids=input_ids, attention_mask=attention.to(model.device)).logits[:, :-1].float()
+    picked = logits.gather(-1, input_ids[:, 1:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    return torch.where(scored.to(picked.device).bool(), picked, 0.0).sum(-1).tolist()
+
+
+@torch.inference_mode()
+def _cloze(model, tokenizer, task: Task, records: list[dict], batch_size: int, bar) -> list[list[dict[str, Any]]]:
+    """Per item, the (acc, acc_norm) prediction rows: every option of every item is one sequence, and the
+    sequences run in length-sorted batches of `batch_size`."""
+    items = [cloze_prompt_and_options(task, record) for record in records]
+    sequences = []  # (item, label, token ids, continuation start)
+    for number, (prompt, options) in enumerate(items):
+        for label, text in options.items():
+            sequences.append((number, label, *continuation_tokens(tokenizer, prompt, text)))
+    order = sorted(range(len(sequences)), key=lambda k: -len(sequences[k][2]))
+    scores: list[dict[str, float]] = [{} for _ in items]
+    for batch in _batches(order, batch_size):
+        totals = _sequence_log_probs(model, [sequences[k][2:] for k in batch], tokenizer.pad_token_id)
+        for k, total in zip(batch, totals, strict=True):
+            scores[sequences[k][0]][sequences[k][1]] = total
+    bar.update(len(items))
+    rows = []
+    for (_, options), item_scores in zip(items, scores, strict=True):
+        labels = list(options)
+        lengths = {label: len(options[label]) for label in labels}
+        best = max(labels, key=lambda label: item_scores[label])
+        best_norm = max(labels, key=lambda label: item_scores[label] / lengths[label])
+        common = {"scores": {label: item_scores[label] for label in labels}, "lengths": lengths}
+        rows.append([{"prediction": best, **common}, {"prediction": best_norm, **common}])
+    return rows
+
+
+def _scored_rows(items: list[tuple[int, dict]], outputs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        {"index": index, "instruction": r["instruction"], "answer": r.get("answer", ""), **out,
+         "correct": out["prediction"] == r.get("answer")}
+        for (index, r), out in zip(items, outputs, strict=True)
+    ]  # fmt: skip
+
+
+def _accuracy(rows: list[dict[str, Any]]) -> float:
+    return 100.0 * sum(row["correct"] for row in rows) / len(rows) if rows else float("nan")
+
+
 def evaluate(
     model,
     tokenizer: PreTrainedTokenizerBase,
@@ -194,7 +277,9 @@ def evaluate(
     metadata: dict[str, Any] | None = None,
     show_progress: bool = True,
 ) -> EvalResult:
-    """Accuracy per task on LLM-Adapters-format test files; writes predictions and results if `output_dir`."""
+    """Accuracy per task on LLM-Adapters-format test files; writes predictions and results if `output_dir`.
+
+    `cloze` returns the `acc` result with the `cloze_norm` (acc_norm) result in its `variants`."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}")
     if tokenizer.pad_token_id is None:
@@ -210,7 +295,8 @@ def evaluate(
     )
     loaded = load_test_items(test_files, max_items, subset_seed)
     total = sum(len(records) for records in loaded.values())
-    accuracy, counts, predictions = {}, {}, {}
+    names = [protocol, *VARIANTS.get(protocol, ())]
+    predictions: dict[str, dict[str, list[dict[str, Any]]]] = {name: {} for name in names}
     started = time.perf_counter()
     with tqdm(total=total, desc=f"eval ({protocol})", unit="item", disable=not show_progress) as bar:
         for name, items in loaded.items():
@@ -218,27 +304,26 @@ def evaluate(
             records = [record for _, record in items]
             prompts = [EVAL_TEMPLATE.format(instruction=record["instruction"]) for record in records]
             if protocol == "generate":
-                outputs = _generate(model, tokenizer, task, prompts, batch_size, generation, bar)
+                outputs = [_generate(model, tokenizer, task, prompts, batch_size, generation, bar)]
+            elif protocol == "cloze":
+                rows = _cloze(model, tokenizer, task, records, batch_size, bar)
+                outputs = [[row[k] for row in rows] for k in range(len(names))]
             else:
-                outputs = _likelihood(model, tokenizer, task, records, prompts, batch_size, bar)
-            rows = [
-                {
-                    "index": index,
-                    "instruction": r["instruction"],
-                    "answer": r.get("answer", ""),
-                    **out,
-                    "correct": out["prediction"] == r.get("answer"),
-                }  # fmt: skip
-                for (index, r), out in zip(items, outputs, strict=True)
-            ]
-            predictions[name] = rows
-            counts[name] = len(rows)
-            accuracy[name] = 100.0 * sum(row["correct"] for row in rows) / len(rows) if rows else float("nan")
+                outputs = [_likelihood(model, tokenizer, task, records, prompts, batch_size, bar)]
+            for variant, variant_outputs in zip(names, outputs, strict=True):
+                predictions[variant][name] = _scored_rows(items, list(variant_outputs))
     elapsed = time.perf_counter() - started
     settings = evaluation_settings(protocol, max_items, subset_seed, batch_size, num_beams, max_new_tokens)
     info = {"evaluator": "moelora", "settings": settings, **(metadata or {})}
-    result = EvalResult(protocol, accuracy, counts, total / elapsed if elapsed else float("nan"), info)
-    result.predictions = predictions
+    results = []
+    for variant in names:
+        by_task = predictions[variant]
+        accuracy = {task: _accuracy(rows) for task, rows in by_task.items()}
+        counts = {task: len(rows) for task, rows in by_task.items()}
+        results.append(EvalResult(variant, accuracy, counts, total / elapsed if elapsed else float("nan"), info))
+        results[-1].predictions = by_task
+    result = results[0]
+    result.variants = results[1:]
     if output_dir is not None:
         write_result(result, Path(output_dir))
     return result
@@ -285,12 +370,14 @@ def evaluation_settings(
 
 
 def write_result(result: EvalResult, output_dir: Path) -> None:
+    """`results_<protocol>.json` and `predictions_<protocol>_<task>.jsonl`, for the result and its variants."""
     output_dir.mkdir(parents=True, exist_ok=True)
-    for task, rows in result.predictions.items():
-        with open(output_dir / f"predictions_{result.protocol}_{task}.jsonl", "w") as handle:
-            for row in rows:
-                handle.write(json.dumps(row) + "\n")
-    (output_dir / f"results_{result.protocol}.json").write_text(json.dumps(result.summary(), indent=2))
+    for each in with_variants(result):
+        for task, rows in each.predictions.items():
+            with open(output_dir / f"predictions_{each.protocol}_{task}.jsonl", "w") as handle:
+                for row in rows:
+                    handle.write(json.dumps(row) + "\n")
+        (output_dir / f"results_{each.protocol}.json").write_text(json.dumps(each.summary(), indent=2))
 
 
 def results_to_markdown(results: list[EvalResult]) -> str:

@@ -8,13 +8,16 @@ as a disagreement between the two:
   answer is <label>" for the labels offered by the item (the targets the model was trained to write), gold =
   the index of the record's answer; lm-eval's `acc` (sum of continuation log-probabilities) picks the best
   choice, which is moelora's likelihood protocol computed independently.
+- `cloze` → lm-eval `multiple_choice` as it scores PIQA or ARC: context = the evaluation prompt around the bare
+  question, choices = the option texts; lm-eval's `acc` and `acc_norm` (per character) are moelora's `cloze` and
+  `cloze_norm`, with lm-eval's own tokenisation of context and continuation.
 - `generate` → lm-eval `generate_until`: the same prompt, beam search (4 beams, 32 new tokens, greedy with
   `num_beams=1`), no stop string but EOS, then lm-eval's `regex` filter with the task's label alternation and
   `take_first`, scored by `exact_match` against the answer: the LLM-Adapters protocol.
 
 Nothing is downloaded: each task is a YAML in a temporary include directory whose documents are a JSONL file
 written here (the `json` builder ships with `datasets`). Results come back as moelora `EvalResult`s, labelled
-`lm-eval-likelihood` or `lm-eval-generate`, and are written in the same JSON/JSONL format.
+`lm-eval-<protocol>` (cloze with its `lm-eval-cloze_norm` variant), and are written in the same JSON/JSONL format.
 """
 
 from __future__ import annotations
@@ -28,10 +31,17 @@ from typing import Any
 
 import yaml
 
-from .evaluation import EvalResult, candidate_labels, evaluation_settings, load_test_items, write_result
-from .tasks import EVAL_TEMPLATE, TASKS, Task
+from .evaluation import (
+    EvalResult,
+    cloze_prompt_and_options,
+    evaluation_settings,
+    load_test_items,
+    write_result,
+)
+from .tasks import EVAL_TEMPLATE, TASKS, Task, candidate_labels
 
-HARNESS_PROTOCOLS = ("likelihood", "generate")
+HARNESS_PROTOCOLS = ("likelihood", "generate", "cloze")
+_METRICS = {"likelihood": ["acc"], "cloze": ["acc", "acc_norm"], "generate": ["exact_match"]}
 
 
 def _import_lm_eval():
@@ -59,14 +69,20 @@ def _write_task(
     documents = folder / f"{name}.jsonl"
     with open(documents, "w") as handle:
         for index, record in items:
-            labels = candidate_labels(task, record["instruction"])
+            if protocol == "cloze":
+                query, options = cloze_prompt_and_options(task, record)
+                labels, choices = list(options), list(options.values())
+            else:
+                query = EVAL_TEMPLATE.format(instruction=record["instruction"])
+                labels = candidate_labels(task, record["instruction"])
+                choices = [f"the correct answer is {label}" for label in labels]
             answer = record.get("answer", "")
             document = {
                 "index": index,
-                "query": EVAL_TEMPLATE.format(instruction=record["instruction"]),
+                "query": query,
                 "answer": answer,
                 "labels": labels,
-                "choices": [f"the correct answer is {label}" for label in labels],
+                "choices": choices,
                 # -1 when the answer is not among the offered labels: no choice can be right, as in moelora
                 "gold": labels.index(answer) if answer in labels else -1,
             }
@@ -80,12 +96,14 @@ def _write_task(
         # the prompt ends where the model writes: no separator between it and the continuation
         "target_delimiter": "",
     }
-    if protocol == "likelihood":
+    if protocol in ("likelihood", "cloze"):
         spec |= {
             "output_type": "multiple_choice",
             "doc_to_choice": "choices",
             "doc_to_target": "gold",
-            "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
+            "metric_list": [
+                {"metric": metric, "aggregation": "mean", "higher_is_better": True} for metric in _METRICS[protocol]
+            ],
         }
     else:
         spec |= {
@@ -107,13 +125,15 @@ def _write_task(
     return name
 
 
-def _prediction_rows(task: Task, protocol: str, samples: list[dict]) -> list[dict[str, Any]]:
+def _prediction_rows(task: Task, protocol: str, samples: list[dict], normalised: bool = False) -> list[dict[str, Any]]:
+    """What lm-eval predicted per item; `normalised` picks the best score per character of the choice (acc_norm)."""
     rows = []
     for sample in sorted(samples, key=lambda s: s["doc"]["index"]):
         document = sample["doc"]
-        if protocol == "likelihood":
+        if protocol in ("likelihood", "cloze"):
             scores = [float(response[0]) for response in sample["filtered_resps"]]
-            best = max(range(len(scores)), key=scores.__getitem__)
+            lengths = [len(choice) for choice in document["choices"]] if normalised else [1] * len(scores)
+            best = max(range(len(scores)), key=lambda k: scores[k] / lengths[k])
             out = {"prediction": document["labels"][best], "scores": dict(zip(document["labels"], scores, strict=True))}
         else:
             generated = sample["resps"][0][0]
@@ -166,18 +186,24 @@ def evaluate_with_lm_eval(
             bootstrap_iters=0,
         )
         elapsed = time.perf_counter() - started
-    metric = "acc,none" if protocol == "likelihood" else "exact_match,first_label"
-    accuracy, counts, predictions = {}, {}, {}
-    for name, harness_name in harness_names.items():
-        # lm-eval's own metric is the accuracy; the rows only record what it predicted per item
-        accuracy[name] = 100.0 * float(output["results"][harness_name][metric])
-        predictions[name] = _prediction_rows(TASKS[name], protocol, output["samples"][harness_name])
-        counts[name] = len(predictions[name])
-    total = sum(counts.values())
+    total = sum(len(items) for items in loaded.values())
     settings = evaluation_settings(protocol, max_items, subset_seed, batch_size, num_beams, max_new_tokens)
     info = {"evaluator": f"lm-eval {lm_eval.__version__}", "settings": settings, **(metadata or {})}
-    result = EvalResult(f"lm-eval-{protocol}", accuracy, counts, total / elapsed if elapsed else float("nan"), info)
-    result.predictions = predictions
+    results = []
+    for metric in _METRICS[protocol]:
+        key = f"{metric},first_label" if protocol == "generate" else f"{metric},none"
+        accuracy, counts, predictions = {}, {}, {}
+        for name, harness_name in harness_names.items():
+            # lm-eval's own metric is the accuracy; the rows only record what it predicted per item
+            accuracy[name] = 100.0 * float(output["results"][harness_name][key])
+            samples = output["samples"][harness_name]
+            predictions[name] = _prediction_rows(TASKS[name], protocol, samples, normalised=metric == "acc_norm")
+            counts[name] = len(predictions[name])
+        label = f"lm-eval-{protocol}" + ("_norm" if metric == "acc_norm" else "")
+        results.append(EvalResult(label, accuracy, counts, total / elapsed if elapsed else float("nan"), info))
+        results[-1].predictions = predictions
+    result = results[0]
+    result.variants = results[1:]
     if output_dir is not None:
         write_result(result, Path(output_dir))
     return result

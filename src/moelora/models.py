@@ -63,6 +63,11 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         tokenizer.save_pretrained(staging)
         staging.chmod(0o755)
         staging.rename(target)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        # runs started side by side convert at the same time; the first rename wins and the others use its folder
+        if not (target / "config.json").is_file():
+            raise
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

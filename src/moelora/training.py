@@ -36,7 +36,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from .config import RunConfig, coerce_float_strings, config_from_dict, load_config, resolve_train_files
 from .core.tuner import MoeLoraTuner, resolve_default_targets
-from .data import build_datasets, load_mixture, parse_sources, shuffle_answers
+from .data import build_datasets, load_mixture, parse_sources, shuffle_answers, to_text_targets
 from .methods import get_method
 
 RUN_CONFIG_NAME = "moelora_run.yaml"
@@ -284,6 +284,8 @@ def train(
     records = load_mixture(sources, seed=config.training.seed)
     if config.data.shuffled_label_control:
         records = shuffle_answers(records, seed=config.training.seed)
+    if config.data.target == "text":
+        records = to_text_targets(records)
     train_set, val_set = build_datasets(
         records,
         tokenizer,
@@ -328,6 +330,7 @@ def train(
     metrics = dict(output.metrics)
     metrics["global_step"] = output.global_step
     metrics["tokens_seen"] = monitor.tokens_seen
+    metrics["train_records"] = len(train_set)
     runtime = metrics.get("train_runtime") or math.nan
     metrics["train_tokens_per_second"] = monitor.tokens_seen / runtime if runtime else math.nan
     metrics["trainable_parameters"] = peft_model.get_nb_trainable_parameters()[0]
