@@ -201,6 +201,17 @@ def test_compare_averages_seeds_and_keeps_configurations_apart(tmp_path, capsys)
     assert (out / "comparison.png").read_bytes().startswith(PNG)
 
 
+def test_compare_notes_items_per_protocol_when_protocols_differ_in_items(tmp_path, capsys):
+    """Rows are compared within a protocol: a generation subset smaller than the likelihood set is no warning."""
+    run = fabricated_run(tmp_path / "run", accuracy={"boolq": 50.0, "piqa": 50.0})
+    metadata = {"label": "d2mora", "model": "tiny", "method": "d2mora", "trainable_parameters": 1234}
+    write_result(EvalResult("generate", {"boolq": 0.0}, {"boolq": 2}, 1.0, metadata), run / "eval_d2mora")
+    assert main(["compare", str(run), "--out", str(tmp_path / "out")]) == 0
+    table = capsys.readouterr().out
+    assert "not comparable" not in table
+    assert "likelihood: Items per task: BoolQ 4, PIQA 4." in table and "generate: Items per task: BoolQ 2." in table
+
+
 def test_compare_reads_a_real_evaluation_folder(tmp_path, tiny_model_dir, capsys):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)

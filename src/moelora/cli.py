@@ -167,6 +167,17 @@ def _test_files(specs: list[str]) -> dict[str, str]:
 
 def run_evaluations(config, model, tokenizer, output_dir: Path, label: str, trainable: int | None):
     """Evaluate with every configured protocol; returns the result objects (variants such as cloze_norm included)."""
+    import torch
+
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(config.evaluation.matmul_precision)
+    try:
+        return _evaluate_protocols(config, model, tokenizer, output_dir, label, trainable)
+    finally:
+        torch.set_float32_matmul_precision(precision)
+
+
+def _evaluate_protocols(config, model, tokenizer, output_dir: Path, label: str, trainable: int | None):
     from .evaluation import evaluate, with_variants
 
     results = []
@@ -186,7 +197,13 @@ def run_evaluations(config, model, tokenizer, output_dir: Path, label: str, trai
                 num_beams=config.evaluation.num_beams,
                 max_new_tokens=config.evaluation.max_new_tokens,
                 output_dir=output_dir / f"eval_{label}",
-                metadata={"label": label, "model": config.model, "method": label, "trainable_parameters": trainable},
+                metadata={
+                    "label": label,
+                    "model": config.model,
+                    "method": label,
+                    "trainable_parameters": trainable,
+                    "matmul_precision": config.evaluation.matmul_precision,
+                },  # fmt: skip
             )
         )
     return results
@@ -369,7 +386,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "experiment":
             from .experiment import run_experiment
 
-            summary = run_experiment(args.file, jobs=args.jobs, only=args.only, compare_only=args.compare_only)
+            summary = run_experiment(
+                args.file,
+                jobs=args.jobs,
+                only=args.only,
+                compare_only=args.compare_only,
+                overrides=args.overrides,
+                output_dir=args.output_dir,
+            )
             print(f"\n{summary.read_text()}\nwritten to {summary}")
             return 0
         if args.command == "quickstart":

@@ -368,21 +368,43 @@ def comparison_markdown(rows: Sequence[Row]) -> str:
         "top pred. %: the share of a row's most frequent prediction, averaged over tasks (mean over seeds); near "
         "100 the row answers every item of a task with one label and its accuracy is that label's frequency."
     )
-    counts = {json.dumps(result.counts, sort_keys=True) for row in rows for result in row.results}
-    if len(counts) == 1:
-        items = rows[0].results[0].counts
-        notes.append("Items per task: " + ", ".join(f"{_display(task)} {n}" for task, n in items.items()) + ".")
-        answers = next((r.answers for row in rows for r in row.results if r.answers), None)
+    notes += _item_notes(rows)
+    return "\n".join(lines) + "\n\n" + " ".join(notes)
+
+
+def _item_notes(rows: Sequence[Row]) -> list[str]:
+    """Per protocol, the items per task and the majority-label baseline on them; one sentence when every protocol
+    ran on the same items (rows are only comparable within a protocol, so only there must the items agree)."""
+    by_protocol: dict[str, list[Row]] = {}
+    for row in rows:
+        by_protocol.setdefault(row.protocol, []).append(row)
+    described: dict[str, str] = {}
+    differing = []
+    for protocol, members in by_protocol.items():
+        results = [result for row in members for result in row.results]
+        if len({json.dumps(result.counts, sort_keys=True) for result in results}) > 1:
+            differing.append(protocol)
+            continue
+        text = "Items per task: " + ", ".join(f"{_display(t)} {n}" for t, n in results[0].counts.items()) + "."
+        answers = next((result.answers for result in results if result.answers), None)
         if answers:
             majority = majority_label_accuracy(answers)
-            notes.append(
-                "Always answering each task's most frequent gold label would score "
+            text += (
+                " Always answering each task's most frequent gold label would score "
                 + ", ".join(f"{_display(task)} {value:.1f}" for task, value in majority.items())
                 + f", Avg {sum(majority.values()) / len(majority):.1f}."
             )
+        described[protocol] = text
+    if len(set(described.values())) == 1 and not differing:
+        notes = [next(iter(described.values()))]
     else:
-        notes.append("Rows were evaluated on different tasks or items: their accuracies are not comparable.")
-    return "\n".join(lines) + "\n\n" + " ".join(notes)
+        notes = [f"{protocol}: {text}" for protocol, text in described.items()]
+    if differing:
+        notes.append(
+            f"Rows of {', '.join(differing)} were evaluated on different tasks or items: their accuracies are not "
+            "comparable."
+        )
+    return notes
 
 
 def plot_comparison(rows: Sequence[Row], path: Path) -> Path:

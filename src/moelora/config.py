@@ -140,8 +140,17 @@ class EvaluationConfig:
         default=32, metadata={"help": "New tokens per answer in the generate protocol (LLM-Adapters: 32)."}
     )
     evaluate_base_model: bool = field(default=False, metadata={"help": "Also evaluate the base model, side by side."})
+    matmul_precision: str = field(
+        default="highest",
+        metadata={
+            "help": "fp32 matrix products in evaluation (torch.set_float32_matmul_precision): highest (exact fp32) | "
+            "high (TF32 on GPUs that have it: several times faster, inputs rounded to 10 mantissa bits)."
+        },
+    )
 
     def __post_init__(self) -> None:
+        if self.matmul_precision not in ("highest", "high"):
+            raise ValueError(f"evaluation.matmul_precision: expected highest or high, got {self.matmul_precision!r}")
         # the evaluator's own list, checked here so that a typo fails before training, not after it
         from .evaluation import PROTOCOLS
 

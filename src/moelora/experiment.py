@@ -40,7 +40,7 @@ from typing import Any
 
 import yaml
 
-from .config import RunConfig, config_from_dict, load_config
+from .config import RunConfig, apply_overrides, config_from_dict, load_config
 
 _TOP_KEYS = {"output_dir", "jobs", "base", "groups", "reports"}
 _RUN_KEYS = {"seeds"}
@@ -96,8 +96,14 @@ def _mapping(value: Any, where: str) -> dict[str, Any]:
     return value
 
 
-def load_experiment(path: str | Path) -> Experiment:
-    """Parse and check the experiment file; builds (and validates) every run config."""
+def load_experiment(
+    path: str | Path, overrides: list[str] | None = None, output_dir: str | Path | None = None
+) -> Experiment:
+    """Parse and check the experiment file; builds (and validates) every run config.
+
+    `overrides` (`section.key=value`, as for `moelora train`) apply to every run after its own settings, and
+    `output_dir` replaces the file's: a smoke test of an experiment file with tiny settings, or a copy elsewhere.
+    """
     from .training import build_adapter_config
 
     path = Path(path)
@@ -111,9 +117,9 @@ def load_experiment(path: str | Path) -> Experiment:
     unknown = sorted(set(spec) - _TOP_KEYS)
     if unknown:
         raise ValueError(f"{path}: unknown key(s) {unknown}; known: {sorted(_TOP_KEYS)}")
-    if not spec.get("output_dir"):
+    if not spec.get("output_dir") and output_dir is None:
         raise ValueError(f"{path}: output_dir is required")
-    output_dir = Path(spec["output_dir"])
+    output_dir = Path(output_dir if output_dir is not None else spec["output_dir"])
     jobs = spec.get("jobs", 1)
     if not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"{path}: jobs must be a positive integer, got {jobs!r}")
@@ -144,6 +150,7 @@ def load_experiment(path: str | Path) -> Experiment:
             for seed in seeds:
                 values = merge(group_base, run_spec)
                 folder = output_dir / str(group) / str(name) / f"seed{seed}"
+                values = apply_overrides(values, overrides or [])
                 values = merge(values, {"training": {"seed": seed, "output_dir": str(folder)}})
                 config = config_from_dict(values, f"{run_where} (seed {seed})")
                 try:
@@ -246,10 +253,16 @@ def _launch(config_path: Path, log_path: Path, threads: int) -> subprocess.Popen
 
 
 def run_experiment(
-    path: str | Path, *, jobs: int | None = None, only: list[str] | None = None, compare_only: bool = False
+    path: str | Path,
+    *,
+    jobs: int | None = None,
+    only: list[str] | None = None,
+    compare_only: bool = False,
+    overrides: list[str] | None = None,
+    output_dir: str | Path | None = None,
 ) -> Path:
     """Run what is not done yet (`jobs` side by side), then write the comparisons and `experiment.md`."""
-    experiment = load_experiment(path)
+    experiment = load_experiment(path, overrides, output_dir)
     selected = [r for r in experiment.runs if not only or any(fnmatch.fnmatch(r.key, p) for p in only)]
     if only and not selected:
         raise ValueError(f"--only {only} matches no run; runs: {[r.key for r in experiment.runs]}")
@@ -334,6 +347,10 @@ def write_summary(experiment: Experiment) -> Path:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", metavar="FILE", help="experiment YAML (see configs/experiments/)")
+    parser.add_argument(
+        "overrides", nargs="*", help="section.key=value overrides applied to every run, e.g. training.max_steps=2"
+    )
+    parser.add_argument("--output-dir", default=None, help="write the experiment here instead of the file's output_dir")
     parser.add_argument("--jobs", type=int, default=None, help="runs side by side (default: the file's `jobs`)")
     parser.add_argument(
         "--only", action="append", default=None, metavar="PATTERN",

@@ -337,5 +337,6 @@ def train(
     metrics["distributed_type"] = str(trainer.accelerator.distributed_type.value)
     metrics["world_size"] = trainer.accelerator.num_processes
     if trainer.is_world_process_zero():
+        (Path(config.training.output_dir) / "train_log.json").write_text(json.dumps(trainer.state.log_history))
         (Path(config.training.output_dir) / "train_metrics.json").write_text(json.dumps(metrics, indent=2))
     return TrainResult(peft_model, Path(config.training.output_dir), metrics)
