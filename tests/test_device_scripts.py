@@ -68,7 +68,7 @@ def test_prepare_splits_the_model_and_packs_the_data_within_the_transfer_limit(l
     assert first.read_bytes() + second.read_bytes() == gguf.read_bytes()
     assert (payload / "part2" / "gguf.sha256").read_text().strip() == hashlib.sha256(gguf.read_bytes()).hexdigest()
     assert "call 1 carries" in printed and "call 2 carries" in printed
-    with tarfile.open(payload / "part2" / "commonsense.tar.xz") as archive:
+    with tarfile.open(payload / "part1" / "commonsense.tar.xz") as archive:
         packed = {member.name: archive.extractfile(member).read() for member in archive if member.isfile()}
     originals = {str(path.relative_to(SHARED)): path for path in (SHARED / "commonsense").rglob("*") if path.is_file()}
     assert packed.keys() == originals.keys()

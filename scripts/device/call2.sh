@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
 # Device call 2 of 2, run there from the repository root right after call 1 (within its 30 s warm window) with
-# carry [.device/part2]: join the GGUF halves and check the sha256, put the data where the experiment file looks
-# (../shared/data), convert the model once, then run the experiment within the time left and bring the results
+# carry [.device/part2]: join the GGUF halves and check the sha256, convert the model once, then run the experiment within the time left and bring the results
 # back in $OUT: results.tar.xz (every run's small files, refreshed each minute, so a call stopped at its limit
 # still returns what finished), the D2MoRA adapters, the experiment's log, env.txt and the GPU's load (gpu.csv).
 #
@@ -26,9 +25,7 @@ part2=("$PAYLOAD"/part2/*.part2)
 name="$(basename "${part2[0]}" .part2)"
 cat "$STORE/$name.part1" "${part2[0]}" > "$package/$name"
 echo "$(cat "$PAYLOAD/part2/gguf.sha256")  $package/$name" | sha256sum -c --quiet -
-if [ ! -d ../shared/data/commonsense ]; then
-  mkdir -p ../shared/data && tar -xJf "$PAYLOAD/part2/commonsense.tar.xz" -C ../shared/data
-fi
+[ -d ../shared/data/commonsense ] || { echo "../shared/data/commonsense is missing: run call1.sh first" >&2; exit 1; }
 python3 scripts/device/environment.py > "$OUT/env.txt"
 # convert once here: runs started side by side would each convert it
 python3 -c "from moelora.models import default_model_path; print('model:', default_model_path())"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build, here, what the two device calls carry (scripts/device/README.md): the default model's GGUF file in two
-# halves (one call may carry 64 MiB, the file is 98 MB), its sha256, the commonsense data as one archive, and the
+# halves (one call may carry 64 MiB, the file is 98 MB), its sha256, the commonsense data as one archive (with the
+# first half: call 1 unpacks it, so a lease finds out there that it can, before the long call), and the
 # Python packages the device lacks as wheels. Everything goes to $MOELORA_DEVICE_PAYLOAD (default .device/, which
 # git ignores). --no-wheels skips the download (the test does; it needs a package registry).
 set -euo pipefail
@@ -17,7 +18,7 @@ half=$(( ($(stat -c %s "$gguf") + 1) / 2 ))
 head -c "$half" "$gguf" > "$PAYLOAD/part1/$name.part1"
 tail -c +"$((half + 1))" "$gguf" > "$PAYLOAD/part2/$name.part2"
 sha256sum "$gguf" | cut -d' ' -f1 > "$PAYLOAD/part2/gguf.sha256"
-XZ_OPT="${XZ_OPT:--T0}" tar -C "$DATA" -cJf "$PAYLOAD/part2/commonsense.tar.xz" commonsense
+XZ_OPT="${XZ_OPT:--T0}" tar -C "$DATA" -cJf "$PAYLOAD/part1/commonsense.tar.xz" commonsense
 
 if [ "${1:-}" != "--no-wheels" ]; then
   # the device has torch, transformers 5.17, accelerate, pyarrow, fsspec, xxhash, pandas; not these

@@ -133,25 +133,32 @@ class MoeLoraCallback(TrainerCallback):
     """Adds auxiliary losses and router statistics to the logs, counts tokens, and guards the loss.
 
     Router statistics are recorded only during the step before each log, so the cost is paid once per
-    `logging_steps`.
+    `logging_steps`. Token counts and the finiteness of the losses stay on the device until the end of the
+    optimizer step, where one synchronisation checks the step's losses and the updated weights together: a
+    check per forward or per weight would stall a GPU that is fed by a launch-bound loop.
     """
 
     def __init__(self, model: PeftModel) -> None:
         self.tuner = _tuner(model)
         self.trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
         self.step = 0
-        self.tokens_seen = 0
-        model.get_base_model().register_forward_hook(self._check_loss, with_kwargs=True)
+        self._tokens: torch.Tensor | int = 0
+        self._losses: list[torch.Tensor] = []
+        model.get_base_model().register_forward_hook(self._record_forward, with_kwargs=True)
 
-    def _check_loss(self, module: torch.nn.Module, args: tuple, kwargs: dict, outputs: Any) -> None:
+    @property
+    def tokens_seen(self) -> int:
+        return int(self._tokens)
+
+    def _record_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict, outputs: Any) -> None:
         if not module.training:
             return
         mask = kwargs.get("attention_mask")
         if mask is not None:
-            self.tokens_seen += int(mask.sum())
+            self._tokens = self._tokens + mask.sum()
         loss = getattr(outputs, "loss", None)
-        if loss is not None and not torch.isfinite(loss.detach()).all():
-            raise NonFiniteLossError(f"training loss became {float(loss.detach())} at optimizer step {self.step + 1}")
+        if loss is not None:
+            self._losses.append(loss.detach().float().reshape(-1))
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.step = state.global_step
@@ -160,6 +167,19 @@ class MoeLoraCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         """Runs before the Trainer may save this step, so non-finite weights never reach a checkpoint."""
+        losses = torch.cat(self._losses) if self._losses else None
+        self._losses = []
+        weights = [param.detach() for _, param in self.trainable]
+        parts = [
+            part
+            for part in (losses, torch.stack(torch._foreach_norm(weights)) if weights else None)
+            if part is not None
+        ]
+        if not parts or bool(torch.isfinite(torch.cat([part.to(parts[-1].device) for part in parts])).all()):
+            return
+        if losses is not None and not bool(torch.isfinite(losses).all()):
+            bad = losses[~torch.isfinite(losses)][0]
+            raise NonFiniteLossError(f"training loss became {float(bad)} at optimizer step {state.global_step}")
         for name, param in self.trainable:
             if not torch.isfinite(param.detach()).all():
                 raise NonFiniteLossError(
