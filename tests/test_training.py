@@ -298,3 +298,37 @@ def test_torch_compile_option_reaches_the_trainer(compiled):
 
     config = load_config(None, ["training.output_dir=unused", f"training.torch_compile={str(compiled).lower()}"])
     assert training_arguments(config, has_validation=False).torch_compile is compiled
+
+
+@pytest.mark.parametrize("method", ["d2mora", "peft_lora"])
+def test_response_logits_give_the_full_loss_and_gradients(tiny_model_dir, method):
+    """`logits_to_keep` + `shift_labels` (the LM head at trained positions only) against the full logits: the same
+    loss, auxiliary terms included, and the same gradients, on right-padded rows whose responses sit at
+    different positions."""
+    from moelora.config import config_from_dict
+    from moelora.data import build_datasets, load_mixture
+    from moelora.training import build_peft_model, training_collator
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    records = load_mixture([f"{t}={p}" for t, p in bundled_train_sources(include_approx=False).items()])[:6]
+    features = list(build_datasets(records, tokenizer, cutoff_len=512, train_on_inputs=False, val_size=0)[0])
+    if method == "d2mora":
+        adapter = {"r": 4, "init_weights": False, "num_down_experts": 2, "num_up_experts": 3}
+    else:
+        adapter = {"r": 4, "init_lora_weights": False}
+    runs = []
+    for compact in (False, True):
+        config = config_from_dict({"method": method, "adapter": adapter})
+        model = build_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), config).train()
+        batch = training_collator(tokenizer, response_logits_only=compact)(features)
+        torch.manual_seed(0)  # the same dropout masks in both runs
+        loss = model(**batch).loss
+        loss.backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+        runs.append((loss.detach(), grads, batch))
+    (full, full_grads, full_batch), (compact, compact_grads, compact_batch) = runs
+    assert "logits_to_keep" in compact_batch and "logits_to_keep" not in full_batch
+    assert 0 < len(compact_batch["logits_to_keep"]) < full_batch["input_ids"].shape[1] - 1
+    torch.testing.assert_close(compact, full, rtol=1e-6, atol=1e-6)
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(compact_grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)

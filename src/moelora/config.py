@@ -82,6 +82,14 @@ class TrainingConfig:
         default=True, metadata={"help": "Keep the lowest-validation-loss checkpoint, as the official recipe does."}
     )
     precision: str = field(default="fp32", metadata={"help": "fp32 | bf16 | fp16 (mixed precision autocast)."})
+    response_logits_only: bool = field(
+        default=True,
+        metadata={
+            "help": "With data.train_on_inputs false, run the LM head only at the positions whose next token is "
+            "trained (logits_to_keep): the same loss, without [batch, length, vocab] logits (most of the memory of "
+            "a small model, and its largest GEMM). Off for models whose forward has no logits_to_keep."
+        },
+    )
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "Recompute activations in backward: less memory, ~30% slower."}
     )

@@ -272,17 +272,41 @@ def check_requested_sharding(distributed_type: str) -> None:
             )
 
 
-def training_collator(tokenizer: PreTrainedTokenizerBase) -> DataCollatorForSeq2Seq:
+def training_collator(tokenizer: PreTrainedTokenizerBase, response_logits_only: bool = False):
     """Pads training batches on the right, whatever the tokenizer's side (left, for generation).
 
     The official recipe pads on the left. Under bf16 autocast on CUDA, PyTorch's SDPA kernels return NaN
     gradients for the fully masked rows that left padding creates (the loss stays finite), which reached the
     adapter weights after a few hundred steps of the quickstart on an H100. Right padding leaves no fully
     masked row; with rotary positions the shift it undoes changes no attention score.
+
+    With `response_logits_only`, batches also name the positions whose logits the loss needs (`ResponseLogits`).
     """
     right_padding = copy.copy(tokenizer)
     right_padding.padding_side = "right"
-    return DataCollatorForSeq2Seq(right_padding, pad_to_multiple_of=8, label_pad_token_id=-100)
+    collator = DataCollatorForSeq2Seq(right_padding, pad_to_multiple_of=8, label_pad_token_id=-100)
+    return ResponseLogits(collator) if response_logits_only else collator
+
+
+@dataclass
+class ResponseLogits:
+    """Wraps a collator: each batch also carries `logits_to_keep`, the positions whose next token is trained in
+    some row (the union over the batch), and `shift_labels`, those next tokens. The causal LM then runs its head
+    at those positions only and its loss reads the given shifted labels: the same set of (logit, target) pairs
+    as the full computation, so the same loss and gradients, without the [batch, length, vocab] logits. With
+    the loss on the responses only, a label target keeps about 7 of ~100 positions."""
+
+    collator: Any
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = self.collator(features)
+        following = batch["labels"][:, 1:]  # the logits at position p predict token p + 1
+        keep = (following != -100).any(0).nonzero().squeeze(1)
+        if keep.numel() == 0:  # a batch without any trained token: its loss is 0/0 either way
+            keep = torch.zeros(1, dtype=torch.long)
+        batch["logits_to_keep"] = keep
+        batch["shift_labels"] = following[:, keep]
+        return batch
 
 
 def train(
@@ -322,7 +346,9 @@ def train(
         args=training_arguments(config, has_validation=val_set is not None),
         train_dataset=train_set,
         eval_dataset=val_set,
-        data_collator=training_collator(tokenizer),
+        data_collator=training_collator(
+            tokenizer, config.training.response_logits_only and not config.data.train_on_inputs
+        ),
         processing_class=tokenizer,
         callbacks=callbacks,
     )
