@@ -234,6 +234,23 @@ def test_orthogonality_loss_is_added_to_the_model_loss_and_summed_over_modules(m
     assert model(input_ids=token_batch).loss is None
 
 
+def test_batched_orthogonality_equals_the_per_module_sum_with_its_gradients(model_factory):
+    """The tuner stacks the experts of all modules of one shape (q and k/v differ here); value and gradients must
+    be those of the per-module terms summed one by one."""
+    config = D2MoRAConfig(r=4, lora_alpha=8, orthogonal_loss_weight=0.3, init_weights=False)
+    model = get_peft_model(model_factory(), config)
+    layers = [m for m in model.modules() if isinstance(m, D2MoRALinear)]
+    assert len({tuple(m.d2mora_B["default"].shape) for m in layers}) > 1
+    weights = [p for m in layers for p in (m.d2mora_A["default"], m.d2mora_B["default"])]
+    batched = model.base_model.auxiliary_losses()["orthogonality"]
+    batched_grads = torch.autograd.grad(batched, weights)
+    one_by_one = sum(m.auxiliary_losses("default")["orthogonality"] for m in layers)
+    expected_grads = torch.autograd.grad(one_by_one, weights)
+    torch.testing.assert_close(batched, one_by_one, rtol=1e-6, atol=0)
+    for got, expected in zip(batched_grads, expected_grads, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_zero_weight_turns_the_orthogonality_loss_off(model_factory, token_batch):
     model = get_peft_model(model_factory(), D2MoRAConfig(r=4, lora_alpha=8, orthogonal_loss_weight=0.0))
     model(input_ids=token_batch, labels=token_batch)

@@ -79,7 +79,7 @@ def test_call1_stores_the_first_half_and_reports_the_environment(lease):
     folder, _, _ = lease
     assert len(list((folder / "store").glob("*.part1"))) == 1
     env = (folder / "out1" / "env.txt").read_text()
-    assert "transformers " in env and "datasets: ok" in env
+    assert "transformers " in env and "datasets: ok" in env and "mps: " in env
 
 
 def test_call2_runs_the_experiment_file_and_packs_its_results(lease, tiny_model_dir):

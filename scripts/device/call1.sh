@@ -3,6 +3,12 @@
 # first half of the GGUF file outside the checkout (the machine keeps it while warm, 30 s), unpack the data where
 # the experiment file looks (../shared/data), install the carried wheels, and check that moelora imports and
 # reaches the GPU. Writes env.txt to $OUT.
+#
+# Then it starts NVIDIA's multi-process service (MPS), unless MOELORA_MPS=0: without it the GPU time-slices
+# between the runs of an experiment, and small kernels from three runs side by side ran one after the other (the
+# first lease: 8.7 µs per kernel, GPU "100 % busy" at 330 W). Two processes must then run CUDA through it within
+# 60 s, else the service is stopped again. The daemon outlives this call (it starts its own session); call 2's
+# runs use it without being told. $STORE/mps says which way it went.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PAYLOAD="${MOELORA_DEVICE_PAYLOAD:-.device}"
@@ -21,3 +27,19 @@ if compgen -G "$PAYLOAD/wheels/*.whl" >/dev/null; then
 fi
 export PYTHONPATH="$PWD/src:$STORE/site${PYTHONPATH:+:$PYTHONPATH}"
 python3 scripts/device/environment.py | tee "$OUT/env.txt"
+
+mps=off
+if [ "${MOELORA_MPS:-1}" = 1 ] && command -v nvidia-cuda-mps-control >/dev/null && nvidia-cuda-mps-control -d >/dev/null 2>&1; then
+  python3 scripts/device/cuda_check.py > "$STORE/mps-check-1.log" 2>&1 & first=$!
+  python3 scripts/device/cuda_check.py > "$STORE/mps-check-2.log" 2>&1 & second=$!
+  ( sleep 60; kill "$first" "$second" ) >/dev/null 2>&1 & watchdog=$!
+  if wait "$first" && wait "$second"; then
+    mps=on
+  else
+    echo quit | nvidia-cuda-mps-control || true
+    cat "$STORE"/mps-check-*.log
+  fi
+  kill "$watchdog" 2>/dev/null || true
+fi
+echo "$mps" > "$STORE/mps"
+echo "mps: $mps" | tee -a "$OUT/env.txt"

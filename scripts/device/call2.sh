@@ -27,6 +27,7 @@ cat "$STORE/$name.part1" "${part2[0]}" > "$package/$name"
 echo "$(cat "$PAYLOAD/part2/gguf.sha256")  $package/$name" | sha256sum -c --quiet -
 [ -d ../shared/data/commonsense ] || { echo "../shared/data/commonsense is missing: run call1.sh first" >&2; exit 1; }
 python3 scripts/device/environment.py > "$OUT/env.txt"
+echo "mps: $(cat "$STORE/mps" 2>/dev/null || echo unknown)" >> "$OUT/env.txt"
 # convert once here: runs started side by side would each convert it
 python3 -c "from moelora.models import default_model_path; print('model:', default_model_path())"
 

@@ -153,6 +153,17 @@ class MoeLoraLayer(AdapterStateLayer):
         """Weighted auxiliary loss terms of this layer, summed into the training loss by the tuner."""
         return {}
 
+    @classmethod
+    def batched_auxiliary_losses(cls, layers: list[MoeLoraLayer], adapter_name: str) -> dict[str, torch.Tensor]:
+        """The auxiliary terms of many layers of this class, summed (what the tuner adds to the loss). This sums
+        each layer's `auxiliary_losses`; a method whose terms depend on its weights alone can override it to
+        compute every layer in a few batched kernels instead of a few dozen per layer."""
+        totals: dict[str, torch.Tensor] = {}
+        for layer in layers:
+            for term, value in layer.auxiliary_losses(adapter_name).items():
+                totals[term] = totals[term] + value if term in totals else value
+        return totals
+
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         raise ValueError(
             f"{type(self).__name__} cannot be merged into the base weights: {self.merge_unsupported_reason}"

@@ -7,16 +7,17 @@ from collections.abc import Callable
 import torch
 
 
-def pairwise_abs_cosine(experts: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+def pairwise_abs_cosine(experts: torch.Tensor, eps: float = 1e-6, batch_dims: int = 0) -> torch.Tensor:
     """Sum over expert pairs i < j of |cos(vec(E_i), vec(E_j))|, normalising by (||E|| + eps).
 
-    `experts` stacks E experts along dim 0, each flattened whole (Frobenius). The epsilon keeps the value and
-    its gradient finite when experts are all zero, as the B experts are at initialisation (d2mora.md §4).
-    Computed in fp32 whatever the parameter dtype.
+    `experts` stacks E experts along dim `batch_dims`, each flattened whole (Frobenius); leading batch dims
+    (the same loss for many layers at once, `[L, E, ...]` with `batch_dims=1`) are summed over. The epsilon
+    keeps the value and its gradient finite when experts are all zero, as the B experts are at initialisation
+    (d2mora.md §4). Computed in fp32 whatever the parameter dtype.
     """
-    flat = experts.flatten(1).float()
-    unit = flat / (flat.norm(dim=1, keepdim=True) + eps)
-    return torch.triu(unit @ unit.T, diagonal=1).abs().sum()
+    flat = experts.flatten(batch_dims + 1).float()
+    unit = flat / (flat.norm(dim=-1, keepdim=True) + eps)
+    return torch.triu(unit @ unit.transpose(-1, -2), diagonal=1).abs().sum()
 
 
 def switch_load_balance(

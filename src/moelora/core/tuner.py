@@ -146,16 +146,19 @@ class MoeLoraTuner(BaseTuner):
     # --- auxiliary losses ---------------------------------------------------------------------------------
 
     def auxiliary_losses(self) -> dict[str, torch.Tensor]:
-        """Each auxiliary term summed over all adapted layers and active adapters (already weighted)."""
-        totals: dict[str, torch.Tensor] = {}
+        """Each auxiliary term summed over all adapted layers and active adapters (already weighted); the layers
+        of one class and adapter go to their class's `batched_auxiliary_losses` together."""
+        members: dict[tuple[type, str], list[MoeLoraLayer]] = {}
         for _, layer in self._adapter_layers():
             if layer.disable_adapters:
                 continue
             for adapter_name in layer.active_adapters:
-                if adapter_name not in layer.adapter_config:
-                    continue
-                for term, value in layer.auxiliary_losses(adapter_name).items():
-                    totals[term] = totals[term] + value if term in totals else value
+                if adapter_name in layer.adapter_config:
+                    members.setdefault((type(layer), adapter_name), []).append(layer)
+        totals: dict[str, torch.Tensor] = {}
+        for (layer_class, adapter_name), layers in members.items():
+            for term, value in layer_class.batched_auxiliary_losses(layers, adapter_name).items():
+                totals[term] = totals[term] + value if term in totals else value
         return totals
 
     def _add_auxiliary_losses(self, module: nn.Module, args: tuple, kwargs: dict, outputs: Any) -> Any:

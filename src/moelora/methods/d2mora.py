@@ -16,7 +16,8 @@ Routers, softmaxes and z run in fp32 even under bf16/fp16 autocast.
 
 Init (§3): A_i and G_A ~ U(±1/sqrt(d_in)), G_B ~ U(±1/sqrt(r)), B_j = 0, so Δh = 0 at init.
 Dual orthogonality loss (§4): λ Σ_{i<i'} |cos(vec A_i, vec A_i')| + λ Σ_{j<j'} |cos(vec B_j, vec B_j')| per module,
-summed over modules (the tuner sums layers), λ = `orthogonal_loss_weight`.
+summed over modules, λ = `orthogonal_loss_weight`; computed for all modules of one shape at once (a stack and a
+batched Gram matrix), which is the same sum in a handful of kernels instead of ~70 per module and step.
 """
 
 from __future__ import annotations
@@ -102,6 +103,19 @@ class D2MoRALinear(MoeLoraLayer):
             return {}
         A, B = self.d2mora_A[adapter_name], self.d2mora_B[adapter_name]
         return {"orthogonality": weight * (pairwise_abs_cosine(A) + pairwise_abs_cosine(B))}
+
+    @classmethod
+    def batched_auxiliary_losses(cls, layers: list[MoeLoraLayer], adapter_name: str) -> dict[str, torch.Tensor]:
+        """`auxiliary_losses` summed over `layers`, with the experts of all layers of one shape (and λ) stacked."""
+        groups: dict[tuple, list[torch.Tensor]] = {}
+        for layer in layers:
+            weight = layer.adapter_config[adapter_name].orthogonal_loss_weight
+            if weight == 0:
+                continue
+            for experts in (layer.d2mora_A[adapter_name], layer.d2mora_B[adapter_name]):
+                groups.setdefault((weight, tuple(experts.shape), experts.device), []).append(experts)
+        terms = [weight * pairwise_abs_cosine(torch.stack(same), batch_dims=1) for (weight, *_), same in groups.items()]
+        return {"orthogonality": sum(terms[1:], terms[0])} if terms else {}
 
 
 class D2MoRATuner(MoeLoraTuner):
