@@ -6,7 +6,9 @@
 #
 #   bash scripts/device/call2.sh [overrides ...] [--only PATTERN ...]   (moelora experiment's arguments, overrides first)
 #
-# MOELORA_DEVICE_SECONDS (default 590) is the call's limit; the experiment is stopped 50 s before it.
+# MOELORA_DEVICE_SECONDS (default 590) is the call's limit; the experiment is stopped 50 s before it. Without a
+# --jobs argument, 4 runs go side by side when call 1 got MPS going, else 3 (four at 128 sequences a step take
+# about 100 GB at the first, longest batches).
 set -euo pipefail
 started=$SECONDS
 cd "$(dirname "$0")/../.."
@@ -43,10 +45,15 @@ if command -v nvidia-smi >/dev/null; then
 fi
 ( while true; do for _ in 1 2 3 4 5 6; do sleep 10; done; pack; done ) > /dev/null 2>&1 &
 snapshots=$!
+jobs=()
+if [[ " $* " != *" --jobs "* ]]; then
+  jobs=(--jobs "$([ "$(cat "$STORE/mps" 2>/dev/null)" = on ] && echo 4 || echo 3)")
+fi
 budget=$(( LIMIT - (SECONDS - started) - 50 ))
 echo "experiment: $budget s left for it"
 status=0
-timeout --kill-after=10 "$budget" python3 -m moelora.cli experiment "$EXPERIMENT" "$@" 2>&1 | tee "$OUT/experiment.log" \
+timeout --kill-after=10 "$budget" python3 -m moelora.cli experiment "$EXPERIMENT" "$@" ${jobs[@]+"${jobs[@]}"} 2>&1 \
+  | tee "$OUT/experiment.log" \
   || status=$?
 pkill -P "$snapshots" 2>/dev/null || true
 kill "$snapshots" $monitor 2>/dev/null || true
