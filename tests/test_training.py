@@ -332,3 +332,28 @@ def test_response_logits_give_the_full_loss_and_gradients(tiny_model_dir, method
     torch.testing.assert_close(compact, full, rtol=1e-6, atol=1e-6)
     for name, grad in full_grads.items():
         torch.testing.assert_close(compact_grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_a_run_prints_no_deprecation_warnings(tiny_model_dir, tmp_path):
+    """transformers 5.25 deprecates `gradient_checkpointing` (passed even when off) and the
+    `is_gradient_checkpointing` that PEFT reads: a run must not print either (in a fresh interpreter, where no
+    test harness changes the warning filters)."""
+    import subprocess
+    import sys
+
+    script = f"""
+from moelora.config import config_from_dict
+from moelora.training import build_peft_model, training_arguments
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+model = build_peft_model(AutoModelForCausalLM.from_pretrained({str(tiny_model_dir)!r}),
+                         config_from_dict({{"method": "d2mora", "adapter": {{"r": 2}}}}))
+model.save_pretrained({str(tmp_path)!r})
+PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({str(tiny_model_dir)!r}), {str(tmp_path)!r})
+for checkpointing in (False, True):
+    training_arguments(config_from_dict({{"training": {{"output_dir": {str(tmp_path)!r},
+                                                       "gradient_checkpointing": checkpointing}}}}), False)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "deprecated" not in done.stderr, done.stderr

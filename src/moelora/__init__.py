@@ -4,6 +4,8 @@ Importing the package registers every method with PEFT, so `peft.get_peft_model`
 `PeftModel.from_pretrained` and `AutoPeftModelForCausalLM` accept moelora configs and checkpoints.
 """
 
+import warnings
+
 from .core import CheckpointMismatchError, MoeLoraConfig, MoeLoraLayer, MoeLoraTuner
 from .methods import (
     METHODS,
@@ -22,6 +24,10 @@ from .methods import (
 )
 
 __version__ = "0.1.0"
+
+# PEFT reads `model.is_gradient_checkpointing` whenever it wraps or loads a model, which transformers 5.25
+# deprecates with a FutureWarning on every run: nothing a user can act on, so only that message is silenced.
+warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 __all__ = [
     "METHODS",

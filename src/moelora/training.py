@@ -12,6 +12,7 @@ this module adds to a plain Trainer run:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -249,16 +250,26 @@ def training_arguments(config: RunConfig, has_validation: bool) -> TrainingArgum
         data_seed=t.seed,
         bf16=t.precision == "bf16",
         fp16=t.precision == "fp16",
-        gradient_checkpointing=t.gradient_checkpointing,
         torch_compile=t.torch_compile,
-        # reentrant checkpointing runs the first forward without autograd: auxiliary losses of routed methods
-        # (load balance) would then get no gradient, and it needs input embeddings that require grad
-        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        **_checkpointing_arguments(t.gradient_checkpointing),
         dataloader_num_workers=t.dataloader_num_workers,
         train_sampling_strategy=t.train_sampling,
         ddp_find_unused_parameters=False,
         use_cpu=not torch.cuda.is_available(),
     )
+
+
+def _checkpointing_arguments(enabled: bool) -> dict[str, Any]:
+    """Activation checkpointing under the name this transformers version takes (5.25 renamed it and warns on
+    the old name, even when off, so nothing is passed when it is off).
+
+    Reentrant checkpointing runs the first forward without autograd: auxiliary losses of routed methods (load
+    balance) would then get no gradient, and it needs input embeddings that require grad."""
+    if not enabled:
+        return {}
+    names = {item.name for item in dataclasses.fields(TrainingArguments)}
+    name = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    return {name: True, f"{name}_kwargs": {"use_reentrant": False}}
 
 
 def check_requested_sharding(distributed_type: str) -> None:
