@@ -125,6 +125,48 @@ def test_resume_refuses_another_method_or_config(tmp_path, tiny_model_dir):
         train(other, *load(tiny_model_dir), resume=True)
 
 
+class FailAt(TrainerCallback):
+    """Raises at the start of the given optimizer step, as a crash would."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step + 1 == self.step:
+            raise RuntimeError("injected crash")
+
+
+def test_a_run_that_failed_before_its_first_checkpoint_reruns_with_the_same_command(tmp_path, tiny_model_dir, capsys):
+    config = make_config(tmp_path / "run", max_steps=2, save_steps=2, eval_steps=100, load_best_model_at_end=False)
+    with pytest.raises(RuntimeError, match="injected crash"):
+        train(config, *load(tiny_model_dir), callbacks=[FailAt(step=1)])
+    assert (tmp_path / "run" / RUN_CONFIG_NAME).is_file()
+    result = train(
+        make_config(tmp_path / "run", max_steps=2, save_steps=2, eval_steps=100, load_best_model_at_end=False),
+        *load(tiny_model_dir),
+    )
+    assert result.metrics["global_step"] == 2 and "starting again" in capsys.readouterr().out
+    # --resume of such a run starts it again too
+    with pytest.raises(RuntimeError, match="injected crash"):
+        train(config, *load(tiny_model_dir), overwrite=True, callbacks=[FailAt(step=1)])
+    assert train(config, *load(tiny_model_dir), resume=True).metrics["global_step"] == 2
+
+
+def test_the_same_command_never_replaces_progress_or_another_config(tmp_path, tiny_model_dir):
+    config = make_config(tmp_path / "run", max_steps=4, save_steps=1, eval_steps=100, load_best_model_at_end=False)
+    with pytest.raises(RuntimeError, match="injected crash"):
+        train(config, *load(tiny_model_dir), callbacks=[FailAt(step=3)])
+    with pytest.raises(ValueError, match="--resume to continue it"):  # checkpoints 1 and 2 are progress
+        train(config, *load(tiny_model_dir))
+    assert (tmp_path / "run" / "checkpoint-2").is_dir()
+    other = make_config(tmp_path / "other", max_steps=2, eval_steps=100, load_best_model_at_end=False)
+    with pytest.raises(RuntimeError, match="injected crash"):
+        train(other, *load(tiny_model_dir), callbacks=[FailAt(step=1)])
+    changed = make_config(tmp_path / "other", max_steps=3, eval_steps=100, load_best_model_at_end=False)
+    with pytest.raises(ValueError, match="already holds files"):  # another config's folder is not replaced
+        train(changed, *load(tiny_model_dir))
+
+
 def test_resume_without_a_run_is_an_error(tmp_path, tiny_model_dir):
     with pytest.raises(ValueError, match="holds no moelora run"):
         train(make_config(tmp_path / "nothing"), *load(tiny_model_dir), resume=True)

@@ -76,9 +76,15 @@ def build_peft_model(model: PreTrainedModel, config: RunConfig) -> PeftModel:
 
 
 def check_output_dir(config: RunConfig, *, resume: bool, overwrite: bool) -> tuple[str | None, bool]:
-    """Read-only checks of the output directory: (checkpoint to resume from, whether a run will be replaced)."""
+    """Read-only checks of the output directory: (checkpoint to resume from, whether a run will be replaced).
+
+    A run of the same config that stopped before its first checkpoint (a crash, a bad input found late, a kill)
+    holds nothing worth keeping: the same command, or `--resume`, starts it again. A run with checkpoints is
+    continued only by `--resume`, and a finished run (`train_metrics.json`) is replaced only by `--overwrite`.
+    """
     output_dir = Path(config.training.output_dir)
     saved = output_dir / RUN_CONFIG_NAME
+    finished = (output_dir / "train_metrics.json").is_file()
     if resume:
         if not saved.is_file():
             raise ValueError(f"--resume: {output_dir} holds no moelora run ({RUN_CONFIG_NAME} missing)")
@@ -92,18 +98,35 @@ def check_output_dir(config: RunConfig, *, resume: bool, overwrite: bool) -> tup
                 )
         checkpoint = get_last_checkpoint(str(output_dir))
         if checkpoint is None:
-            raise ValueError(f"--resume: {output_dir} has no checkpoint-* folder to resume from")
+            if finished:
+                raise ValueError(f"--resume: {output_dir} holds a finished run and no checkpoint to continue from")
+            return None, True  # stopped before its first checkpoint: start it again
         return checkpoint, False
     if output_dir.exists() and any(output_dir.iterdir()):
+        if _failed_before_first_checkpoint(config, output_dir, finished):
+            return None, True
         if not overwrite:
+            hint = "--resume to continue it, " if get_last_checkpoint(str(output_dir)) and not finished else ""
             raise ValueError(
-                f"{output_dir} already holds files (another run?); pass --overwrite to replace it, "
-                "--resume to continue it, or choose another training.output_dir"
+                f"{output_dir} already holds files ({'a finished run' if finished else 'another run?'}); pass "
+                f"--overwrite to replace it, {hint}or choose another training.output_dir"
             )
         if not saved.is_file():
             raise ValueError(f"--overwrite: refusing to delete {output_dir}, which is not a moelora run folder")
         return None, True
     return None, False
+
+
+def _failed_before_first_checkpoint(config: RunConfig, output_dir: Path, finished: bool) -> bool:
+    saved = output_dir / RUN_CONFIG_NAME
+    if finished or not saved.is_file() or get_last_checkpoint(str(output_dir)) is not None:
+        return False
+    if (output_dir / "adapter_model.safetensors").exists():
+        return False  # an adapter without metrics: someone's result, not a failed start
+    try:
+        return load_config(saved).to_dict() == config.to_dict()
+    except ValueError:
+        return False
 
 
 def prepare_output_dir(config: RunConfig, *, resume: bool, overwrite: bool) -> str | None:
@@ -116,8 +139,10 @@ def prepare_output_dir(config: RunConfig, *, resume: bool, overwrite: bool) -> s
     output_dir = Path(config.training.output_dir)
     state = PartialState()
     state.wait_for_everyone()
-    if state.is_main_process and not resume:
+    if state.is_main_process and (replace_existing or not resume):
         if replace_existing:
+            if not overwrite:
+                print(f"{output_dir}: the run of this config there stopped before its first checkpoint; starting again")
             shutil.rmtree(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         config.save(output_dir / RUN_CONFIG_NAME)
