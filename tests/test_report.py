@@ -324,3 +324,38 @@ def test_report_labels_runs_by_parent_folder_when_names_collide(tmp_path):
         "no_ortho/seed42",
     ]
     assert _unique_labels([tmp_path / "x" / "s", tmp_path / "y" / "x" / "s"]) == ["run1 (s)", "run2 (s)"]
+
+
+def test_mcnemar_exact_p_values():
+    from moelora.compare import mcnemar_p
+
+    assert mcnemar_p(0, 0) == 1.0 and mcnemar_p(4, 4) == 1.0
+    assert mcnemar_p(0, 5) == pytest.approx(2 / 32) and mcnemar_p(5, 0) == pytest.approx(2 / 32)
+    assert mcnemar_p(8, 1) == pytest.approx(2 * (1 + 9) / 512)
+
+
+def test_compare_tests_each_run_against_the_base_model_item_by_item(tmp_path, capsys):
+    """Per-item predictions: a run right on 10 items the base model misses and wrong on 2 it gets."""
+    run = tmp_path / "run"
+    run.mkdir()
+    run_config(run, "tiny", "d2mora", {"r": 4}).save(run / RUN_CONFIG_NAME)
+    answers = ["true"] * 20
+    base_correct = [True] * 6 + [False] * 12 + [True] * 2
+    run_correct = [True] * 6 + [True] * 10 + [False] * 2 + [False] * 2
+    for label, correct in (("base", base_correct), ("d2mora", run_correct)):
+        metadata = {"label": label, "model": "tiny", "method": label, "trainable_parameters": 0}
+        result = EvalResult("likelihood", {"boolq": 100.0 * sum(correct) / 20}, {"boolq": 20}, 1.0, metadata)
+        result.predictions = {
+            "boolq": [
+                {"index": 100 + i, "answer": answer, "prediction": "true" if ok else "false", "correct": ok}
+                for i, (answer, ok) in enumerate(zip(answers, correct, strict=True))
+            ]
+        }
+        write_result(result, run / f"eval_{label}")
+    assert main(["compare", str(run), "--out", str(tmp_path / "out")]) == 0
+    table = capsys.readouterr().out
+    from moelora.compare import mcnemar_p
+
+    expected_p = f"{mcnemar_p(10, 2):.2g}"
+    assert f"| likelihood | d2mora (seed 42) | base | 20 | 10 | 2 | +40.0 | {expected_p} |" in table
+    assert "BoolQ ±21.9" in table  # 1.96 * sqrt(0.25 / 20)

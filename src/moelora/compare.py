@@ -67,6 +67,20 @@ class Result:
     #: those files are missing): they give the majority-label baseline and how concentrated the predictions are.
     answers: dict[str, list[str]] | None = None
     predictions: dict[str, list[str]] | None = None
+    #: Per task, each item's index in its test file, in the order of `answers` and `predictions`.
+    indices: dict[str, list[int]] | None = None
+
+    def correct_by_item(self) -> dict[tuple[str, int], bool] | None:
+        """(task, index in the test file) -> whether the prediction was right; None without prediction files."""
+        if self.answers is None or self.predictions is None or self.indices is None:
+            return None
+        return {
+            (task, index): prediction == answer
+            for task in self.answers
+            for index, answer, prediction in zip(
+                self.indices[task], self.answers[task], self.predictions[task], strict=True
+            )
+        }
 
     @property
     def top_share(self) -> float | None:
@@ -137,7 +151,7 @@ def _read_result(run: Path, file: Path, settings: dict[str, Any] | None, seed: i
     if bad:
         raise ValueError(f"{file}: no accuracy for task(s) {bad}")
     trainable = data.get("trainable_parameters")
-    answers, predictions = _read_predictions(file.parent, protocol, list(accuracy))
+    answers, predictions, indices = _read_predictions(file.parent, protocol, list(accuracy))
     return Result(
         run=run,
         file=file,
@@ -151,26 +165,26 @@ def _read_result(run: Path, file: Path, settings: dict[str, Any] | None, seed: i
         settings=settings,
         answers=answers,
         predictions=predictions,
+        indices=indices,
     )
 
 
-def _read_predictions(
-    folder: Path, protocol: str, tasks: list[str]
-) -> tuple[dict[str, list[str]] | None, dict[str, list[str]] | None]:
-    """Gold answers and predictions per task from `predictions_<protocol>_<task>.jsonl`; (None, None) unless every
-    task has its file."""
-    answers, predictions = {}, {}
+def _read_predictions(folder: Path, protocol: str, tasks: list[str]) -> tuple[dict | None, dict | None, dict | None]:
+    """Gold answers, predictions and item indices per task from `predictions_<protocol>_<task>.jsonl`;
+    (None, None, None) unless every task has its file."""
+    answers, predictions, indices = {}, {}, {}
     for task in tasks:
         path = folder / f"predictions_{protocol}_{task}.jsonl"
         if not path.is_file():
-            return None, None
+            return None, None, None
         try:
             rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         except json.JSONDecodeError as error:
             raise ValueError(f"{path}: invalid JSON line: {error}") from None
         answers[task] = [str(row.get("answer", "")) for row in rows]
         predictions[task] = [str(row.get("prediction")) for row in rows]
-    return answers, predictions
+        indices[task] = [int(row.get("index", position)) for position, row in enumerate(rows)]
+    return answers, predictions, indices
 
 
 def majority_label_accuracy(answers: dict[str, list[str]]) -> dict[str, float]:
@@ -407,6 +421,60 @@ def _item_notes(rows: Sequence[Row]) -> list[str]:
     return notes
 
 
+def mcnemar_p(only_first: int, only_second: int) -> float:
+    """Two-sided exact McNemar test: the probability, if both were equally good, of a split of the discordant
+    items at least this uneven (a binomial test of `only_first` of `only_first + only_second` at 1/2)."""
+    discordant = only_first + only_second
+    if discordant == 0:
+        return 1.0
+    tail = sum(math.comb(discordant, k) for k in range(min(only_first, only_second) + 1))
+    return min(1.0, 2 * tail / 2**discordant)
+
+
+def significance_markdown(rows: Sequence[Row]) -> str:
+    """Per protocol, every run against the protocol's first row (the base model where there is one), paired item
+    by item over all tasks: the items only one of the two gets right, and McNemar's exact p-value; then the
+    95 % binomial half-width of a single cell. Empty when the prediction files are missing."""
+    lines = []
+    widths = []
+    for protocol in dict.fromkeys(row.protocol for row in rows):
+        members = [row for row in rows if row.protocol == protocol]
+        reference = members[0]
+        reference_items = reference.results[0].correct_by_item()
+        if reference_items is None:
+            continue
+        for row in members[1:]:
+            for result in row.results:
+                items = result.correct_by_item()
+                if items is None or items.keys() != reference_items.keys():
+                    continue
+                only_row = sum(items[k] and not reference_items[k] for k in items)
+                only_reference = sum(reference_items[k] and not items[k] for k in items)
+                difference = 100.0 * (only_row - only_reference) / len(items)
+                seed = f" (seed {result.seed})" if result.seed is not None and row.label != "base" else ""
+                lines.append(
+                    f"| {protocol} | {row.name}{seed} | {reference.name} | {len(items)} | {only_row} | "
+                    f"{only_reference} | {difference:+.1f} | {mcnemar_p(only_row, only_reference):.2g} |"
+                )
+        counts = reference.results[0].counts
+        widths.append(
+            f"{protocol}: " + ", ".join(f"{_display(t)} ±{196 * math.sqrt(0.25 / n):.1f}" for t, n in counts.items())
+        )
+    if not lines:
+        return ""
+    header = [
+        "| protocol | run | against | items | only run right | only reference right | difference (points, "
+        "pooled items) | McNemar p |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    note = (
+        "Paired item by item over all tasks' items (pooled, so larger tasks weigh more than in Avg). A p-value "
+        "below 0.05 says the two differ on these items beyond what chance splits of the discordant items give. "
+        "A single cell's 95 % binomial interval is at most (at 50 % accuracy) " + "; ".join(widths) + " points."
+    )
+    return "\n".join([*header, *lines]) + "\n\n" + note
+
+
 def plot_comparison(rows: Sequence[Row], path: Path) -> Path:
     """Grouped bars (tasks and Avg on the x axis, one bar per row, error bars = std over seeds); one panel
     per protocol."""
@@ -458,6 +526,9 @@ def compare(
         results = [result for result in results if result.protocol in protocols]
     rows = group_rows(results, allow_different_items)
     markdown = comparison_markdown(rows)
+    significance = significance_markdown(rows)
+    if significance:
+        markdown += "\n\n" + significance
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     figure = plot_comparison(rows, out / f"{COMPARISON_NAME}.png")

@@ -238,7 +238,7 @@ def _cloze(model, tokenizer, task: Task, records: list[dict], batch_size: int, b
         totals = _sequence_log_probs(model, [sequences[k][2:] for k in batch], tokenizer.pad_token_id)
         for k, total in zip(batch, totals, strict=True):
             scores[sequences[k][0]][sequences[k][1]] = total
-    bar.update(len(items))
+        bar.update(len(batch) * len(items) / len(sequences))  # in items, as the other protocols count
     rows = []
     for (_, options), item_scores in zip(items, scores, strict=True):
         labels = list(options)
