@@ -457,9 +457,7 @@ def significance_markdown(rows: Sequence[Row]) -> str:
                     f"{only_reference} | {difference:+.1f} | {mcnemar_p(only_row, only_reference):.2g} |"
                 )
         counts = reference.results[0].counts
-        widths.append(
-            f"{protocol}: " + ", ".join(f"{_display(t)} ±{196 * math.sqrt(0.25 / n):.1f}" for t, n in counts.items())
-        )
+        widths.append(", ".join(f"{_display(t)} ±{196 * math.sqrt(0.25 / n):.1f}" for t, n in counts.items()))
     if not lines:
         return ""
     header = [
@@ -470,7 +468,9 @@ def significance_markdown(rows: Sequence[Row]) -> str:
     note = (
         "Paired item by item over all tasks' items (pooled, so larger tasks weigh more than in Avg). A p-value "
         "below 0.05 says the two differ on these items beyond what chance splits of the discordant items give. "
-        "A single cell's 95 % binomial interval is at most (at 50 % accuracy) " + "; ".join(widths) + " points."
+        "A single cell's 95 % binomial interval is at most (at 50 % accuracy) "
+        + "; ".join(dict.fromkeys(widths))
+        + " points."
     )
     return "\n".join([*header, *lines]) + "\n\n" + note
 
