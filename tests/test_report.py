@@ -359,3 +359,11 @@ def test_compare_tests_each_run_against_the_base_model_item_by_item(tmp_path, ca
     expected_p = f"{mcnemar_p(10, 2):.2g}"
     assert f"| likelihood | d2mora (seed 42) | base | 20 | 10 | 2 | +40.0 | {expected_p} |" in table
     assert "BoolQ ±21.9" in table  # 1.96 * sqrt(0.25 / 20)
+
+
+def test_usage_colour_scale_is_centred_on_uniform_and_never_negative():
+    from moelora.report import usage_scale
+
+    assert usage_scale([0.9, 1.05, 1.1]) == pytest.approx((0.9, 1.1))
+    assert usage_scale([0.2, 3.2]) == (0.0, pytest.approx(3.2))  # the issue's -1 .. 3.2 scale
+    assert usage_scale([1.0]) == pytest.approx((0.99, 1.01))

@@ -262,10 +262,20 @@ def _save(figure, path: Path) -> Path:
     return path
 
 
+def usage_scale(values: list[float]) -> tuple[float, float]:
+    """Colour-scale limits for usage relative to uniform: as far from 1 on each side as the farthest value, but
+    never below 0 (a usage cannot be negative)."""
+    spread = max(max((abs(value - 1.0) for value in values), default=1.0), 0.01)
+    return max(0.0, 1.0 - spread), 1.0 + spread
+
+
 def plot_usage(stats: RoutingStats, router: str, title: str, path: Path) -> Path:
     """Rows: tasks; columns: module positions; each panel a layers x experts heatmap of expert usage relative
-    to uniform (E x mean routing probability: 1 = the expert's fair share), on a diverging scale symmetric around 1 so
-    that what a task prefers or avoids stands out even when routing is nearly uniform."""
+    to uniform (E x mean routing probability: 1 = the expert's fair share), on a diverging scale centred on 1 so that
+    what a task prefers or avoids stands out even when routing is nearly uniform. Usage is never negative: the
+    scale runs from max(0, 1 - spread) to 1 + spread, each side stretched on its own (TwoSlopeNorm)."""
+    from matplotlib.colors import TwoSlopeNorm
+
     tasks = list(stats)
     positions = ordered_positions(p for per_task in stats.values() for p in per_task.get(router, {}))
     names = short_names(positions)
@@ -277,17 +287,15 @@ def plot_usage(stats: RoutingStats, router: str, title: str, path: Path) -> Path
         for task in tasks
         for position in positions
     }
-    spread = max((abs(value - 1.0) for grid in grids.values() for row in grid for value in row), default=1.0)
-    spread = max(spread, 0.01)  # symmetric around uniform, so blue and red mean the same distance from it
+    low, high = usage_scale([value for grid in grids.values() for row in grid for value in row])
+    norm = TwoSlopeNorm(vmin=low, vcenter=1.0, vmax=high)
     figure, axes = _figure(len(tasks), len(positions), 2.6, 2.0)
     image = None
     for row, task in enumerate(tasks):
         for col, position in enumerate(positions):
             ax, grid = axes[row][col], grids[(task, position)]
             if grid:
-                image = ax.imshow(
-                    grid, aspect="auto", cmap="RdBu_r", vmin=1 - spread, vmax=1 + spread, interpolation="nearest"
-                )
+                image = ax.imshow(grid, aspect="auto", cmap="RdBu_r", norm=norm, interpolation="nearest")
                 ax.set_xticks(range(0, len(grid[0]), max(1, len(grid[0]) // 8)))
                 _layer_ticks(ax, sorted(stats[task][router][position]))
             ax.set_title(f"{_task_name(task)} · {names[position]}", fontsize=8)
