@@ -154,3 +154,18 @@ def test_model_option_overrides_the_config(tmp_path, tiny_model_dir, capsys):
     write_config(config, tiny_model_dir, tmp_path / "run")
     assert main(["train", str(config), "--model", str(tmp_path / "no-such-model")]) == 1
     assert "no-such-model" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_every_input_problem_is_listed_before_the_model_loads(tmp_path, capsys):
+    """A model folder that does not exist would fail to load: the input problems must be reported first, all of
+    them in one pass."""
+    config, run = tmp_path / "run.yaml", tmp_path / "run"
+    write_config(config, tmp_path / "no-such-model", run)
+    overrides = ["data.cutoff_len=0", "training.global_batch_size=6", "evaluation.test_files={piqa: /nowhere.json}",
+                 "data.train_files=[boolq=/nowhere/train.json]"]  # fmt: skip
+    assert main(["train", str(config), *overrides]) == 1
+    error = capsys.readouterr().err
+    for problem in ("data.cutoff_len: must be at least 1, got 0", "global_batch_size=6 is not divisible",
+                    "/nowhere.json: file not found", "/nowhere/train.json: file not found"):  # fmt: skip
+        assert problem in error
+    assert "no-such-model" not in error and not run.exists()

@@ -137,7 +137,10 @@ def test_interrupted_run_resumes_from_its_checkpoint(tmp_path, tiny_model_dir, c
     [
         (lambda s: s.update(extra=1), "unknown key(s) ['extra']"),
         (lambda s: s.pop("output_dir"), "output_dir is required"),
-        (lambda s: s["groups"]["mix"]["runs"]["lora"]["adapter"].update(bogus=1), "groups.mix.runs.lora"),
+        (
+            lambda s: s["groups"]["mix"]["runs"]["lora"]["adapter"].update(bogus=1),
+            "bogus' (method 'lora', config LoraConfig) (mix/lora/seed1, mix/lora/seed2)",
+        ),
         (lambda s: s["groups"]["mix"]["runs"]["lora"].update(seeds=[1, 1]), "repeats a seed"),
         (lambda s: s["groups"]["mix"]["runs"]["lora"].update(seeds="1"), "seeds must be a non-empty list"),
         (lambda s: s.update(reports=[["mix/nope/seed1"]]), "reports[0]"),
@@ -153,3 +156,22 @@ def test_experiment_file_errors_name_the_field(tmp_path, change, message):
         load_experiment(write(tmp_path / "exp.yaml", spec))
     assert message in str(error.value)
     assert not (tmp_path / "exp").exists()  # nothing written before the file is valid
+
+
+def test_missing_input_files_of_every_run_are_listed_before_anything_starts(tmp_path, capsys):
+    """A clone without ../shared: every run's missing training and test files are named in one error, before any
+    run starts (nothing is written)."""
+    from moelora.cli import main
+
+    spec = experiment_spec("unused-model", tmp_path / "exp")
+    spec["base"]["data"]["train_files"] = ["piqa=/nowhere/piqa/train.json"]
+    spec["base"]["evaluation"]["test_files"] = {"piqa": "/nowhere/piqa/test.json"}
+    spec["groups"]["mix"]["runs"]["lora"]["training"] = {"global_batch_size": 0}
+    path = write(tmp_path / "exp.yaml", spec)
+    assert main(["experiment", str(path)]) == 1
+    error = capsys.readouterr().err
+    assert "nothing was started" in error and "/nowhere/piqa/train.json: file not found" in error
+    assert "evaluation.test_files.piqa: /nowhere/piqa/test.json: file not found" in error
+    assert "training.global_batch_size: must be at least 1, got 0 (mix/lora/seed1, mix/lora/seed2)" in error
+    assert "/nowhere/piqa/train.json: file not found (every run)" in error  # one line per problem, not per run
+    assert not (tmp_path / "exp").exists()

@@ -214,11 +214,11 @@ def command_train(config, resume: bool, overwrite: bool) -> int:
 
     from .evaluation import results_to_markdown
     from .models import load_model_and_tokenizer, parse_dtype
-    from .training import build_adapter_config, check_output_dir, train
+    from .training import check_inputs, check_output_dir, train
 
     started = time.perf_counter()
-    # A bad adapter field, dtype or output folder fails before the model loads.
-    build_adapter_config(config.method, config.adapter)
+    # Bad settings, missing files, a bad dtype or output folder fail before the model loads.
+    check_inputs(config)
     dtype = parse_dtype(config.model_dtype)
     check_output_dir(config, resume=resume, overwrite=overwrite)
     model, tokenizer = load_model_and_tokenizer(config.model, dtype=dtype, quantization=config.model_quantization)

@@ -77,6 +77,11 @@ def load_records(source: str | Path, task: str | None = None) -> list[dict[str, 
     return [_validate(item, name, index, labels) for index, item in enumerate(raw)]
 
 
+def missing_source(name: str) -> bool:
+    """True when `name` is neither an existing path nor something the Hub loader would try (an `owner/name` id)."""
+    return not Path(name).exists() and not (_HUB_ID.match(name) and not name.endswith(_LOCAL_SUFFIXES))
+
+
 def _task_labels(task: str | None, name: str) -> tuple[str, ...] | None:
     if task is None:
         return None

@@ -104,7 +104,7 @@ def load_experiment(
     `overrides` (`section.key=value`, as for `moelora train`) apply to every run after its own settings, and
     `output_dir` replaces the file's: a smoke test of an experiment file with tiny settings, or a copy elsewhere.
     """
-    from .training import build_adapter_config
+    from .training import input_problems
 
     path = Path(path)
     if not path.is_file():
@@ -128,6 +128,7 @@ def load_experiment(
     if not groups:
         raise ValueError(f"{path}: groups must name at least one group of runs")
     runs: list[PlannedRun] = []
+    problems: dict[str, list[str]] = {}  # problem -> the runs that have it, reported before anything starts
     for group, group_spec in groups.items():
         where = f"{path}: groups.{group}"
         group_spec = _mapping(group_spec, where)
@@ -153,11 +154,15 @@ def load_experiment(
                 values = apply_overrides(values, overrides or [])
                 values = merge(values, {"training": {"seed": seed, "output_dir": str(folder)}})
                 config = config_from_dict(values, f"{run_where} (seed {seed})")
-                try:
-                    build_adapter_config(config.method, config.adapter)
-                except ValueError as error:
-                    raise ValueError(f"{run_where}: {error}") from None
+                for problem in input_problems(config):
+                    problems.setdefault(problem, []).append(f"{group}/{name}/seed{seed}")
                 runs.append(PlannedRun(str(group), str(name), seed, config))
+    if problems:
+        lines = [
+            f"{problem} ({'every run' if len(where) == len(runs) else ', '.join(where)})"
+            for problem, where in problems.items()
+        ]
+        raise ValueError(f"{path}: {len(lines)} problem(s), nothing was started:\n  " + "\n  ".join(lines))
     # The base model is the same in every run of a group: evaluate it once, with the group's first run.
     first_of_group: set[str] = set()
     for run in runs:

@@ -49,6 +49,63 @@ class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite."""
 
 
+def input_problems(config: RunConfig) -> list[str]:
+    """Everything wrong with a run's settings and input files that can be found without loading data or model:
+    adapter fields, training files and test files that do not exist, sizes that cannot work. One pass lists every
+    problem, so a run that would fail after hours of loading and training fails in a second instead."""
+    from .config import resolve_test_files
+    from .data import missing_source
+    from .tasks import TASKS
+
+    problems = []
+    try:
+        build_adapter_config(config.method, config.adapter)
+    except ValueError as error:
+        problems.append(str(error))
+    try:
+        sources = parse_sources(resolve_train_files(config.data.train_files))
+    except ValueError as error:
+        problems.append(f"data.train_files: {error}")
+        sources = []
+    problems += [f"data.train_files: {s.path}: file not found" for s in sources if missing_source(s.path)]
+    if not config.data.train_files:
+        problems.append("data.train_files: no training files given")
+    try:
+        test_files = resolve_test_files(config.evaluation.test_files)
+    except ValueError as error:
+        problems.append(str(error))
+        test_files = {}
+    for task, path in test_files.items():
+        if task not in TASKS:
+            problems.append(f"evaluation.test_files: unknown task {task!r}; known tasks: {', '.join(TASKS)}")
+        elif not Path(path).is_file():
+            problems.append(f"evaluation.test_files.{task}: {path}: file not found")
+    t = config.training
+    for where, value in (
+        ("data.cutoff_len", config.data.cutoff_len),
+        ("training.global_batch_size", t.global_batch_size),
+        ("training.micro_batch_size", t.micro_batch_size),
+        ("evaluation.batch_size", config.evaluation.batch_size),
+    ):
+        if value < 1:
+            problems.append(f"{where}: must be at least 1, got {value}")
+    if t.global_batch_size >= 1 and t.micro_batch_size >= 1 and t.global_batch_size % t.micro_batch_size:
+        problems.append(
+            f"training.global_batch_size={t.global_batch_size} is not divisible by "
+            f"micro_batch_size={t.micro_batch_size}"
+        )
+    if t.max_steps == 0 or (t.max_steps < 0 and t.num_epochs <= 0):
+        problems.append(f"training: nothing to train (max_steps={t.max_steps}, num_epochs={t.num_epochs})")
+    return problems
+
+
+def check_inputs(config: RunConfig) -> None:
+    """`input_problems` as one error listing them all."""
+    problems = input_problems(config)
+    if problems:
+        raise ValueError("; ".join(problems) if len(problems) == 1 else "\n  " + "\n  ".join(problems))
+
+
 def build_adapter_config(method_name: str, fields: dict[str, Any]):
     method = get_method(method_name)
     fixed = sorted(set(fields) & set(method.preset))
