@@ -37,6 +37,20 @@ def test_converted_folder_is_a_plain_safetensors_model():
     assert not list(folder.glob("*.bin")) and not list(folder.glob("*.gguf"))
 
 
+def test_adapters_on_the_default_model_record_its_portable_name(smollm2, tmp_path):
+    from peft import LoraConfig, PeftConfig, get_peft_model
+
+    model, _ = smollm2
+    assert model.name_or_path == DEFAULT_MODEL
+    adapted = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
+    try:
+        adapted.save_pretrained(tmp_path)
+    finally:
+        adapted.unload()  # the module fixture's model serves the other tests
+    assert PeftConfig.from_pretrained(tmp_path).base_model_name_or_path == DEFAULT_MODEL
+    assert str(default_model_path()) not in (tmp_path / "README.md").read_text()
+
+
 def test_a_conversion_that_loses_the_race_uses_the_winners_folder(tmp_path):
     """Runs started side by side (`moelora experiment`) convert at once: the later rename finds the folder there,
     keeps it and leaves no staging folder behind."""

@@ -129,7 +129,8 @@ def load_model_and_tokenizer(
     """Load a causal LM and its tokenizer: 'smollm2-135m', a local folder or a hub model id.
 
     The tokenizer pads on the left (the evaluation protocol generates after the prompt) and always has a pad
-    token: its own, else its EOS (the attention mask keeps padding out of attention and loss). With
+    token: its own, else its EOS (the attention mask keeps padding out of attention and loss). The default model
+    is named `smollm2-135m` (not its cache folder), so adapters trained on it load on any machine. With
     `quantization` ("4bit" | "8bit", CUDA only) the frozen base weights are loaded through bitsandbytes.
     """
     quantized = {"quantization_config": quantization_config(quantization, dtype)} if quantization else {}
@@ -143,6 +144,10 @@ def load_model_and_tokenizer(
         where = "local folder" if Path(path).exists() else "local folder or hub model id (offline?)"
         reason = str(error).splitlines()[0]
         raise ValueError(f"model {name_or_path!r} could not be loaded as a {where}: {reason}") from None
+    if name_or_path == DEFAULT_MODEL:
+        # Saved adapters then record the portable name (PEFT's base_model_name_or_path, the model card), which
+        # any machine with moelora resolves, instead of this machine's cache folder.
+        model.name_or_path = model.config._name_or_path = DEFAULT_MODEL
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
