@@ -399,3 +399,17 @@ for checkpointing in (False, True):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "deprecated" not in done.stderr, done.stderr
+
+
+def test_the_adapter_says_what_made_it_and_loads_with_one_call(tmp_path, tiny_model_dir):
+    import moelora
+
+    result = train(make_config(tmp_path / "run", max_steps=1, load_best_model_at_end=False), *load(tiny_model_dir))
+    card = (tmp_path / "run" / "README.md").read_text()
+    assert f"moelora {moelora.__version__}" in card and "Method `d2mora` (D2MORA)" in card
+    assert "moelora.load_adapter" in card and "pip install moelora" in card
+    model, tokenizer = moelora.load_adapter(tmp_path / "run", str(tiny_model_dir))
+    ids = tokenizer("the correct answer is", return_tensors="pt")["input_ids"]
+    trained = result.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(input_ids=ids).logits, trained(input_ids=ids).logits)

@@ -22,6 +22,7 @@ from .methods import (
     TeamLoRAConfig,
     get_method,
 )
+from .models import load_adapter
 
 __version__ = "0.1.0"
 
@@ -47,4 +48,5 @@ __all__ = [
     "SMoRAConfig",
     "TeamLoRAConfig",
     "get_method",
+    "load_adapter",
 ]

@@ -248,28 +248,23 @@ def command_train(config, resume: bool, overwrite: bool) -> int:
 
 
 def command_eval(args) -> int:
-    from peft import PeftConfig, PeftModel, get_peft_model_state_dict
+    from peft import get_peft_model_state_dict
 
     from .evaluation import evaluate, results_to_markdown, with_variants
     from .harness import evaluate_with_lm_eval
     from .methods import method_name_of
-    from .models import DEFAULT_MODEL, load_model_and_tokenizer, parse_dtype
-    from .official import check_not_official
+    from .models import DEFAULT_MODEL, load_adapter, load_model_and_tokenizer, parse_dtype
 
     dtype = parse_dtype(args.dtype, "--dtype")
-    if args.adapter:
-        check_not_official(args.adapter)
-    model_name = args.model
-    if model_name is None and args.adapter:
-        model_name = PeftConfig.from_pretrained(args.adapter).base_model_name_or_path
-    model, tokenizer = load_model_and_tokenizer(
-        model_name or DEFAULT_MODEL, dtype=dtype, quantization=args.quantization
-    )
     label, trainable = "base", 0
     if args.adapter:
-        model = PeftModel.from_pretrained(model, args.adapter)
+        model, tokenizer = load_adapter(args.adapter, args.model, dtype=dtype, quantization=args.quantization)
+        model_name = model.peft_config["default"].base_model_name_or_path
         label = method_name_of(model.peft_config["default"])
         trainable = sum(weight.numel() for weight in get_peft_model_state_dict(model).values())
+    else:
+        model_name = args.model or DEFAULT_MODEL
+        model, tokenizer = load_model_and_tokenizer(model_name, dtype=dtype, quantization=args.quantization)
     model.eval()
     evaluator = evaluate_with_lm_eval if args.harness == "lm-eval" else evaluate
     results = [

@@ -154,3 +154,27 @@ def load_model_and_tokenizer(
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def load_adapter(
+    adapter_dir: str | Path,
+    base_model: str | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    quantization: str | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A saved moelora (or PEFT) adapter on the base model it records, or on `base_model`, with the tokenizer:
+
+        model, tokenizer = moelora.load_adapter("runs/quickstart")
+
+    Importing moelora registers its methods with PEFT, which `PeftModel.from_pretrained` needs; this call does
+    that, resolves `smollm2-135m` to the embedded model, and refuses an official D2MoRA checkpoint (pickled
+    weights) with the command that converts it."""
+    from peft import PeftConfig, PeftModel
+
+    from .official import check_not_official
+
+    check_not_official(str(adapter_dir))
+    name = base_model or PeftConfig.from_pretrained(str(adapter_dir)).base_model_name_or_path or DEFAULT_MODEL
+    model, tokenizer = load_model_and_tokenizer(name, dtype=dtype, quantization=quantization)
+    return PeftModel.from_pretrained(model, str(adapter_dir)), tokenizer

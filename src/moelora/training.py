@@ -286,6 +286,54 @@ class MoeLoraCallback(TrainerCallback):
         self.tuner.record_routing(False)
 
 
+def write_model_card(output_dir: Path, config: RunConfig, model: PeftModel) -> None:
+    """The adapter's README.md: what made it (moelora, its version, the method and its settings, the data) and how
+    to load it, in place of PEFT's template card, whose base model would be whatever path the model came from."""
+    import moelora
+
+    from .methods import get_method
+
+    method = get_method(config.method)
+    adapter = model.peft_config[model.active_adapter]
+    base = adapter.base_model_name_or_path or config.model
+    settings = ", ".join(f"{key}={value}" for key, value in sorted(config.adapter.items()))
+    lines = [
+        "---",
+        f"base_model: {base}",
+        "library_name: peft",
+        f"tags: [moelora, {config.method}, peft]",
+        "---",
+        "",
+        f"# {config.method} adapter for {base}",
+        "",
+        f"Trained with moelora {moelora.__version__}: {method.summary}.",
+        f"Method `{config.method}` ({adapter.peft_type}), settings: {settings or 'defaults'}; "
+        f"{model.get_nb_trainable_parameters()[0]:,} trainable parameters.",
+        f"Data: {', '.join(config.data.train_files)} (targets: {config.data.target}, cutoff {config.data.cutoff_len}).",
+        f"Training: seed {config.training.seed}, lr {config.training.learning_rate}, "
+        f"{config.training.global_batch_size} sequences per step, precision {config.training.precision}.",
+        "",
+        "## Load",
+        "",
+        "```python",
+        "import moelora  # registers the moelora methods with PEFT",
+        "",
+        f'model, tokenizer = moelora.load_adapter("{output_dir.name}")  # the base model recorded above',
+        "```",
+        "",
+        f"or `moelora eval --adapter {output_dir.name}`. "
+        + (
+            "PEFT loads it without moelora too (`PeftModel.from_pretrained`), on the same base model."
+            if method.native_to_peft
+            else f"Without moelora installed, PEFT does not know the `{adapter.peft_type}` adapter type and cannot "
+            "load this folder: `pip install moelora`."
+        ),
+        "",
+        "The run's full settings are in `moelora_run.yaml` beside this card.",
+    ]
+    (output_dir / "README.md").write_text("\n".join(lines) + "\n")
+
+
 @dataclass
 class TrainResult:
     model: PeftModel
@@ -463,6 +511,8 @@ def train(
         kept = f"the last good checkpoint is {last}" if last else "no checkpoint had been saved yet"
         raise NonFiniteLossError(f"{error}; training stopped, {kept}") from None
     trainer.save_model(config.training.output_dir)
+    if trainer.is_world_process_zero():
+        write_model_card(Path(config.training.output_dir), config, peft_model)
     # The Trainer's accelerator leaves the model's forward wrapped in the training autocast (bf16/fp16);
     # evaluation after training would then score with bf16 logits, whose coarse steps tie candidates.
     peft_model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
