@@ -174,10 +174,30 @@ class MoeLoraTuner(BaseTuner):
         if torch.is_grad_enabled() and any(not value.requires_grad for value in terms.values()):
             self._check_auxiliary_losses_can_train(terms)
         if terms:
-            outputs.loss = loss + sum(value.to(loss.dtype) for value in terms.values())
+            share = self._share_of_optimizer_step(kwargs)
+            outputs.loss = loss + share * sum(value.to(loss.dtype) for value in terms.values())
             # detached tensors, read as floats only when logged: no device sync (or graph break) per step
             self.last_auxiliary_losses = {term: value.detach() for term, value in terms.items()}
         return outputs
+
+    @staticmethod
+    def _share_of_optimizer_step(kwargs: dict) -> torch.Tensor | float:
+        """How much of one optimizer step this forward is, for terms that must count once per step.
+
+        The HF Trainer divides each micro-batch's loss by the accumulation steps, unless the model takes loss
+        kwargs (a PeftModel does): then it passes `num_items_in_batch`, the label tokens of the whole step, lets
+        the model's loss sum over tokens and divide by that, and does not divide. An auxiliary term added whole to
+        each micro-batch's loss would then count once per micro-batch; weighted by this micro-batch's share of the
+        step's label tokens (counted as the Trainer counts them: shifted), the shares sum to one per step. Without
+        `num_items_in_batch` (moelora's trainer, a hand-written loop) the share is 1.
+        """
+        total = kwargs.get("num_items_in_batch")
+        labels = kwargs.get("shift_labels")
+        if labels is None and kwargs.get("labels") is not None:
+            labels = kwargs["labels"][..., 1:]
+        if total is None or labels is None:
+            return 1.0
+        return labels.ne(-100).sum() / total
 
     def _check_auxiliary_losses_can_train(self, terms: dict[str, torch.Tensor]) -> None:
         """A term without a graph in a forward that builds one: the layers kept their values in a pass run without
