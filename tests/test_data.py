@@ -512,7 +512,7 @@ def test_text_targets_put_the_option_text_in_the_response() -> None:
 
 @pytest.mark.parametrize(
     "change, parts",
-    [({"task": None}, ["record 0", "known task"]), ({"answer": "solution3"}, ["record 0", "'answer'"]),
+    [({"task": None}, ["record 0", "a task and an answer"]), ({"answer": "solution3"}, ["record 0", "'answer'"]),
      ({"instruction": "Please choose the correct solution to the question: x"}, ["record 0", "'instruction'"])],
 )  # fmt: skip
 def test_text_targets_name_the_record_they_cannot_convert(change: dict, parts: list[str]) -> None:

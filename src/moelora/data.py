@@ -230,6 +230,16 @@ def load_mixture(sources: SourceSpec | Sequence[SourceSpec], seed: int = 42) -> 
     return mixture
 
 
+def _task_and_answer(record: Mapping[str, Any], index: int, who_needs: str) -> tuple[str, str]:
+    task, answer = record.get("task"), record.get("answer")
+    if task is None or not answer:
+        raise DataError(
+            f"record {index}: {who_needs} a task and an answer for every record "
+            f"(task {task!r}, answer {answer!r})"
+        )
+    return task, answer
+
+
 def shuffle_answers(records: Sequence[Mapping[str, Any]], seed: int = 42) -> list[dict[str, Any]]:
     """The shuffled-label control: within each task, permute the answers among the records and rewrite each
     output to name its new answer. Label frequencies stay as they were, but no answer is tied to its question
@@ -240,12 +250,7 @@ def shuffle_answers(records: Sequence[Mapping[str, Any]], seed: int = 42) -> lis
     """
     by_task: dict[str, list[int]] = {}
     for index, record in enumerate(records):
-        task, answer = record.get("task"), record.get("answer")
-        if task is None or not answer:
-            raise DataError(
-                f"record {index}: the shuffled-label control needs a task and an answer for every record "
-                f"(task {task!r}, answer {answer!r})"
-            )
+        task, answer = _task_and_answer(record, index, "the shuffled-label control needs")
         if answer not in record["output"]:
             raise DataError(f"record {index} (task {task}): output {record['output']!r} does not name its answer")
         by_task.setdefault(task, []).append(index)
@@ -270,12 +275,7 @@ def to_text_targets(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]
     """
     converted = []
     for index, record in enumerate(records):
-        task, answer = record.get("task"), record.get("answer")
-        if task is None or not answer:
-            raise DataError(
-                f"record {index}: text targets need a known task and an answer for every record "
-                f"(task {task!r}, answer {answer!r})"
-            )
+        task, answer = _task_and_answer(record, index, "text targets need")
         try:
             question, options = split_options(get_task(task), record["instruction"])
         except ValueError as error:
