@@ -117,6 +117,7 @@ def test_quickstart_end_to_end_on_the_real_default_model(tmp_path, capsys):
     """The README's main job, shortened: real SmolLM2-135M, bundled data, both protocols, base vs tuned."""
     run = tmp_path / "quickstart"
     code = main(["quickstart", f"training.output_dir={run}", "training.max_steps=2", "training.save_steps=2",
+                 "training.logging_steps=1",
                  "evaluation.max_items=2", "evaluation.generate_max_items=1"])  # fmt: skip
     assert code == 0
     table = capsys.readouterr().out
@@ -128,6 +129,10 @@ def test_quickstart_end_to_end_on_the_real_default_model(tmp_path, capsys):
     # M*r*d_in + N*d_out*r + d_in*M + r*N per module, M=3, N=8, r=8; q: 576->576, k and v: 576->192; 30 layers
     per_layer = sum(3 * 8 * 576 + 8 * d_out * 8 + 576 * 3 + 8 * 8 for d_out in (576, 192, 192))
     assert metrics["train_tokens_per_second"] > 0 and metrics["trainable_parameters"] == 30 * per_layer
+    # what a newcomer looks at: curves and the report's figures, named at the end; no checkpoint folders
+    assert "figures:" in table and (run / "training_curves.png").is_file()
+    assert (run / "report" / "report.md").is_file() and list((run / "report").glob("*.png"))
+    assert not list(run.glob("checkpoint-*"))
 
 
 def test_quickstart_never_replaces_a_run_on_other_data(tmp_path, tiny_model_dir, capsys):

@@ -69,6 +69,9 @@ def test_train_writes_a_loadable_adapter_and_logs(tmp_path, tiny_model_dir):
     assert all(0 <= entry["routing_router_A_entropy"] <= torch.log(torch.tensor(2.0)) + 1e-6 for entry in logged)
     assert any(p.name.startswith("events.out.tfevents") for p in out.rglob("*")), "TensorBoard logs expected"
     assert any("eval_loss" in entry for entry in state["log_history"])
+    whole_log = json.loads((out / "train_log.json").read_text())
+    assert whole_log[: len(state["log_history"])] == state["log_history"] and "train_runtime" in whole_log[-1]
+    assert (out / "training_curves.png").read_bytes().startswith(b"\x89PNG")
     # the saved adapter is the trained one, and reloads to the same outputs
     batch = torch.randint(0, 100, (2, 12))
     result.model.eval()
@@ -165,6 +168,14 @@ def test_the_same_command_never_replaces_progress_or_another_config(tmp_path, ti
     changed = make_config(tmp_path / "other", max_steps=3, eval_steps=100, load_best_model_at_end=False)
     with pytest.raises(ValueError, match="already holds files"):  # another config's folder is not replaced
         train(changed, *load(tiny_model_dir))
+
+
+def test_checkpoints_are_removed_after_a_finished_run_when_not_kept(tmp_path, tiny_model_dir):
+    config = make_config(tmp_path / "run", max_steps=2, save_steps=1, load_best_model_at_end=False)
+    config.training.keep_checkpoints = False
+    train(config, *load(tiny_model_dir))
+    assert not list((tmp_path / "run").glob("checkpoint-*"))
+    assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
 
 
 def test_resume_without_a_run_is_an_error(tmp_path, tiny_model_dir):

@@ -356,6 +356,18 @@ def command_compare(args) -> int:
     return 0
 
 
+def quickstart_figures(config) -> int:
+    """The figures a newcomer looks at first, in the quickstart's run folder: the training curves (written by every
+    run) and `moelora report` of the adapter (expert usage per task on a few test items, expert similarity)."""
+    from .report import report
+
+    run = Path(config.training.output_dir)
+    markdown = report([run], limit=8)
+    figures = sorted(str(path) for path in [*run.glob("training_curves.png"), *markdown.parent.glob("*.png")])
+    print("figures:\n  " + "\n  ".join(figures))
+    return 0
+
+
 def _replaceable_quickstart(config) -> bool:
     """The quickstart replaces its own earlier runs (trained on the bundled sample, minutes to redo), never a run
     on other data that an override pointed it at."""
@@ -393,7 +405,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "quickstart":
             config = load_config(recipe_path("quickstart"), _overrides(args))
-            return command_train(config, resume=False, overwrite=args.overwrite or _replaceable_quickstart(config))
+            code = command_train(config, resume=False, overwrite=args.overwrite or _replaceable_quickstart(config))
+            return code or quickstart_figures(config)
         config = load_config(args.config, _overrides(args))
         return command_train(config, resume=args.resume, overwrite=args.overwrite)
     except (ValueError, RuntimeError, FileNotFoundError) as error:

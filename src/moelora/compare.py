@@ -38,6 +38,7 @@ IGNORED_SETTINGS = frozenset(
         "training.report_to",
         "training.logging_steps",
         "training.dataloader_num_workers",
+        "training.keep_checkpoints",
         "evaluation.batch_size",
         "evaluation.protocols",
         "evaluation.evaluate_base_model",

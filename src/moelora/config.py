@@ -78,6 +78,13 @@ class TrainingConfig:
     eval_steps: int = field(default=200, metadata={"help": "Validation-loss interval in steps (D2MoRA: 200)."})
     save_steps: int = field(default=200, metadata={"help": "Checkpoint interval in steps (D2MoRA: 200)."})
     save_total_limit: int = field(default=3, metadata={"help": "Checkpoints kept (the best one is never deleted)."})
+    keep_checkpoints: bool = field(
+        default=True,
+        metadata={
+            "help": "Keep the checkpoint-* folders once training has finished (they resume or extend a run; the "
+            "final adapter is saved beside them either way). false deletes them after a successful run."
+        },
+    )
     load_best_model_at_end: bool = field(
         default=True, metadata={"help": "Keep the lowest-validation-loss checkpoint, as the official recipe does."}
     )

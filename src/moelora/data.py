@@ -234,8 +234,7 @@ def _task_and_answer(record: Mapping[str, Any], index: int, who_needs: str) -> t
     task, answer = record.get("task"), record.get("answer")
     if task is None or not answer:
         raise DataError(
-            f"record {index}: {who_needs} a task and an answer for every record "
-            f"(task {task!r}, answer {answer!r})"
+            f"record {index}: {who_needs} a task and an answer for every record (task {task!r}, answer {answer!r})"
         )
     return task, answer
 

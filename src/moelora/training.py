@@ -286,6 +286,30 @@ class MoeLoraCallback(TrainerCallback):
         self.tuner.record_routing(False)
 
 
+def plot_training_curves(log_history: list[dict[str, Any]], path: Path) -> Path | None:
+    """One panel per logged quantity over the optimizer steps: the training loss, each auxiliary loss, each
+    router's mean entropy (what `MoeLoraCallback` adds to the logs), the validation loss when there is one."""
+    from matplotlib.figure import Figure
+
+    series: dict[str, list[tuple[int, float]]] = {}
+    for entry in log_history:
+        step = entry.get("step")
+        for key, value in entry.items():
+            wanted = key in ("loss", "eval_loss") or key.startswith(("aux_", "routing_"))
+            if step is not None and wanted and isinstance(value, (int, float)):
+                series.setdefault(key, []).append((step, float(value)))
+    if not series:
+        return None
+    figure = Figure(figsize=(4.2 * len(series), 3.0), layout="constrained")
+    for ax, (key, points) in zip(figure.subplots(1, len(series), squeeze=False)[0], series.items(), strict=True):
+        ax.plot([step for step, _ in points], [value for _, value in points], marker="." if len(points) < 30 else "")
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("optimizer step", fontsize=8)
+        ax.tick_params(labelsize=7)
+    figure.savefig(path, dpi=100)
+    return path
+
+
 def write_model_card(output_dir: Path, config: RunConfig, model: PeftModel) -> None:
     """The adapter's README.md: what made it (moelora, its version, the method and its settings, the data) and how
     to load it, in place of PEFT's template card, whose base model would be whatever path the model came from."""
@@ -526,6 +550,11 @@ def train(
     metrics["distributed_type"] = str(trainer.accelerator.distributed_type.value)
     metrics["world_size"] = trainer.accelerator.num_processes
     if trainer.is_world_process_zero():
-        (Path(config.training.output_dir) / "train_log.json").write_text(json.dumps(trainer.state.log_history))
-        (Path(config.training.output_dir) / "train_metrics.json").write_text(json.dumps(metrics, indent=2))
+        output_dir = Path(config.training.output_dir)
+        (output_dir / "train_log.json").write_text(json.dumps(trainer.state.log_history))
+        (output_dir / "train_metrics.json").write_text(json.dumps(metrics, indent=2))
+        plot_training_curves(trainer.state.log_history, output_dir / "training_curves.png")
+        if not config.training.keep_checkpoints:
+            for checkpoint in output_dir.glob("checkpoint-*"):
+                shutil.rmtree(checkpoint)
     return TrainResult(peft_model, Path(config.training.output_dir), metrics)
