@@ -13,6 +13,14 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import moelora  # noqa: F401  (registers the methods with PEFT)
 
+#: MOELORA_TEST_DEVICE=cuda runs the tests with CUDA as torch's default device, so models and tensors the tests
+#: build land on the GPU without each test naming a device (issue 17: the method tests on CUDA). CPU CI leaves it
+#: unset. Tests that build CPU generators or compare against CPU-only paths may fail there: that is what a run
+#: on a GPU is for finding.
+TEST_DEVICE = os.environ.get("MOELORA_TEST_DEVICE", "cpu")
+if TEST_DEVICE != "cpu":
+    torch.set_default_device(TEST_DEVICE)
+
 
 def tiny_llama_config(**overrides) -> LlamaConfig:
     settings = dict(
