@@ -70,16 +70,21 @@ def load_records(source: str | Path, task: str | None = None) -> list[dict[str, 
     path = Path(source)
     if path.exists():
         raw = _read_local(path)
-    elif _HUB_ID.match(name) and not name.endswith(_LOCAL_SUFFIXES):
+    elif _is_hub_id(name):
         raw = _read_hub(name)
     else:
         raise DataError(f"{name}: file not found")
     return [_validate(item, name, index, labels) for index, item in enumerate(raw)]
 
 
+def _is_hub_id(name: str) -> bool:
+    """An `owner/name` that is not a local-looking file name: what `load_records` tries on the Hub."""
+    return bool(_HUB_ID.match(name)) and not name.endswith(_LOCAL_SUFFIXES)
+
+
 def missing_source(name: str) -> bool:
-    """True when `name` is neither an existing path nor something the Hub loader would try (an `owner/name` id)."""
-    return not Path(name).exists() and not (_HUB_ID.match(name) and not name.endswith(_LOCAL_SUFFIXES))
+    """True when `name` is neither an existing path nor something the Hub loader would try."""
+    return not Path(name).exists() and not _is_hub_id(name)
 
 
 def _task_labels(task: str | None, name: str) -> tuple[str, ...] | None:

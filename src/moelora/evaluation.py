@@ -194,16 +194,19 @@ def cloze_prompt_and_options(task: Task, record: dict) -> tuple[str, dict[str, s
     return EVAL_TEMPLATE.format(instruction=question), options
 
 
-def continuation_tokens(tokenizer, context: str, continuation: str) -> tuple[list[int], int]:
-    """lm-eval's `_encode_pair`: trailing whitespace of the context joins the continuation, the whole text is
-    tokenised at once, and the continuation is what follows the context's own tokens. Returns the token ids of
-    the whole text and where the continuation starts (always leaving it at least one token)."""
+def continuation_tokens(tokenizer, context: str, continuations: list[str]) -> list[tuple[list[int], int]]:
+    """lm-eval's `_encode_pair` for each continuation of one context: trailing whitespace of the context joins the
+    continuation, the whole text is tokenised at once, and the continuation is what follows the context's own
+    tokens. Returns per continuation the token ids of the whole text and where the continuation starts (always
+    leaving it at least one token); the context is tokenised once."""
     spaces = len(context) - len(context.rstrip())
-    if spaces:
-        context, continuation = context[:-spaces], context[-spaces:] + continuation
-    whole = tokenizer(context + continuation)["input_ids"]
-    start = min(len(tokenizer(context)["input_ids"]), len(whole) - 1)
-    return whole, start
+    head, tail = (context[:-spaces], context[-spaces:]) if spaces else (context, "")
+    context_length = len(tokenizer(head)["input_ids"])
+    pairs = []
+    for continuation in continuations:
+        whole = tokenizer(head + tail + continuation)["input_ids"]
+        pairs.append((whole, min(context_length, len(whole) - 1)))
+    return pairs
 
 
 def _sequence_log_probs(model, sequences: list[tuple[list[int], int]], pad: int) -> list[float]:
@@ -230,8 +233,8 @@ def _cloze(model, tokenizer, task: Task, records: list[dict], batch_size: int, b
     items = [cloze_prompt_and_options(task, record) for record in records]
     sequences = []  # (item, label, token ids, continuation start)
     for number, (prompt, options) in enumerate(items):
-        for label, text in options.items():
-            sequences.append((number, label, *continuation_tokens(tokenizer, prompt, text)))
+        pairs = continuation_tokens(tokenizer, prompt, list(options.values()))
+        sequences += [(number, label, *pair) for label, pair in zip(options, pairs, strict=True)]
     order = sorted(range(len(sequences)), key=lambda k: -len(sequences[k][2]))
     scores: list[dict[str, float]] = [{} for _ in items]
     for batch in _batches(order, batch_size):
