@@ -15,11 +15,22 @@ import moelora  # noqa: F401  (registers the methods with PEFT)
 
 #: MOELORA_TEST_DEVICE=cuda runs the tests with CUDA as torch's default device, so models and tensors the tests
 #: build land on the GPU without each test naming a device (issue 17: the method tests on CUDA). CPU CI leaves it
-#: unset. Tests that build CPU generators or compare against CPU-only paths may fail there: that is what a run
-#: on a GPU is for finding.
+#: unset. Tests take their generators from `generator(seed)` and their autocast device from `AUTOCAST_DEVICE`
+#: below, never a hard-coded CPU one.
 TEST_DEVICE = os.environ.get("MOELORA_TEST_DEVICE", "cpu")
 if TEST_DEVICE != "cpu":
     torch.set_default_device(TEST_DEVICE)
+
+#: The device type to name in `torch.autocast(...)`: autocast only acts on ops of its own device type, so a CPU
+#: autocast around CUDA tensors would silently run the test in fp32.
+AUTOCAST_DEVICE = torch.device(TEST_DEVICE).type
+
+
+def generator(seed: int) -> torch.Generator:
+    """A generator seeded with `seed` on the tests' default device, for `torch.randn(..., generator=...)` and the
+    like: those draw on the default device and refuse a generator of another one ("Expected a 'cuda' device type
+    for generator"). On the CPU it is the `torch.Generator().manual_seed(seed)` of before: the same numbers."""
+    return torch.Generator(device=torch.get_default_device()).manual_seed(seed)
 
 
 def tiny_llama_config(**overrides) -> LlamaConfig:
@@ -48,8 +59,7 @@ def model_factory():
 
 @pytest.fixture
 def token_batch():
-    generator = torch.Generator().manual_seed(1)
-    return torch.randint(0, 96, (2, 9), generator=generator)
+    return torch.randint(0, 96, (2, 9), generator=generator(1))
 
 
 def train_tiny_tokenizer(vocab_size: int = 400):

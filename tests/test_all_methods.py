@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import AUTOCAST_DEVICE
 from peft import PeftModel, get_peft_model
 
 from moelora import METHODS, MoeLoraLayer
@@ -80,7 +81,7 @@ def test_save_and_load_reproduce_outputs_exactly(method, model_factory, token_ba
 @pytest.mark.parametrize("method", OWN_METHODS)
 def test_bf16_autocast_keeps_fp32_adapter_weights(method, model_factory, token_batch):
     model = get_peft_model(model_factory(), make_config(method, init_weights=False)).train()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(AUTOCAST_DEVICE, dtype=torch.bfloat16):
         loss = model(token_batch, labels=token_batch).loss
     loss.backward()
     assert torch.isfinite(loss)

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import AUTOCAST_DEVICE, generator
 from peft import PeftModel, get_peft_model
 from reference import orthogonality_by_hand
 from safetensors.torch import load_file, save_file
@@ -57,7 +58,7 @@ class FakeDropout:
     """Stands in for F.dropout: draws masks from its own generator and keeps them, to feed the reference."""
 
     def __init__(self, keep_core=False):
-        self.generator = torch.Generator().manual_seed(11)
+        self.generator = generator(11)
         self.calls: list[tuple[tuple[int, ...], torch.Tensor]] = []
         self.keep_core = keep_core  # identity on [T, r, r] inputs (a core dropout that keeps everything)
 
@@ -544,7 +545,7 @@ def test_bf16_autocast_on_cpu(model_factory, token_batch, monkeypatch):
     gate_dtypes = []
     for layer in (m for m in model.modules() if isinstance(m, CoMoLLinear)):
         monkeypatch.setattr(layer.routing, "record", lambda key, probs: gate_dtypes.append(probs.dtype))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(AUTOCAST_DEVICE, dtype=torch.bfloat16):
         out = model(input_ids=token_batch, labels=token_batch)
     out.loss.backward()
     assert torch.isfinite(out.loss)

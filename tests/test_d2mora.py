@@ -7,6 +7,7 @@ import math
 import peft
 import pytest
 import torch
+from conftest import AUTOCAST_DEVICE
 from peft import get_peft_model
 from reference import check_independent_masks_against_loop, d2mora_loop, orthogonality_by_hand
 from torch import nn
@@ -263,7 +264,7 @@ def test_zero_weight_turns_the_orthogonality_loss_off(model_factory, token_batch
 def test_bf16_autocast_on_cpu(model_factory, token_batch):
     model = get_peft_model(model_factory(), D2MoRAConfig(r=4, lora_alpha=8, init_weights=False, lora_dropout=0.0))
     reference = model(input_ids=token_batch).logits
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(AUTOCAST_DEVICE, dtype=torch.bfloat16):
         out = model(input_ids=token_batch, labels=token_batch)
     out.loss.backward()
     assert torch.isfinite(out.loss)

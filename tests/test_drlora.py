@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from conftest import AUTOCAST_DEVICE, generator
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import (
@@ -88,7 +89,7 @@ def one_thread():
 
 @pytest.fixture
 def batch():
-    return torch.randint(3, 96, (2, 9), generator=torch.Generator().manual_seed(1))
+    return torch.randint(3, 96, (2, 9), generator=generator(1))
 
 
 def moe_layers(model):
@@ -124,8 +125,8 @@ def trained_loop(
 
 
 def random_batches(count=4, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, 96, (2, 9), generator=generator) for _ in range(count)]
+    stream = generator(seed)
+    return [torch.randint(3, 96, (2, 9), generator=stream) for _ in range(count)]
 
 
 # --- config and targets ---------------------------------------------------------------------------------------
@@ -219,7 +220,7 @@ def test_adapted_experts_match_a_per_expert_reference(arch):
     layer = moe_layers(model)[0]
     with torch.no_grad():  # different active ranks per expert
         layer.experts.drlora_mask["default"].copy_((torch.arange(16) < torch.tensor([[1], [3], [7], [16]])).float())
-    hidden = torch.randn(11, HIDDEN, generator=torch.Generator().manual_seed(2))
+    hidden = torch.randn(11, HIDDEN, generator=generator(2))
     _, weights, indices = layer.router(hidden)
     got = layer.experts(hidden, indices, weights)
     torch.testing.assert_close(got, reference_experts(layer.experts, hidden, indices, weights), rtol=1e-5, atol=1e-5)
@@ -232,7 +233,7 @@ def test_matrix_subset_and_matrix_rank_units_match_the_reference():
         units = layer.experts.num_units(layer.experts.adapter_config["default"])
         with torch.no_grad():
             layer.experts.drlora_mask["default"].copy_((torch.arange(16) < torch.arange(1, units + 1)[:, None]).float())
-        hidden = torch.randn(7, HIDDEN, generator=torch.Generator().manual_seed(3))
+        hidden = torch.randn(7, HIDDEN, generator=generator(3))
         _, weights, indices = layer.router(hidden)
         expected = reference_experts(layer.experts, hidden, indices, weights)
         torch.testing.assert_close(layer.experts(hidden, indices, weights), expected, rtol=1e-5, atol=1e-5)
@@ -274,7 +275,7 @@ def test_frozen_router_gets_zero_gradient_then_none(batch):
 
 def test_bf16_autocast_keeps_fp32_adapter_weights(batch):
     model = drlora(tiny_moe("qwen2_moe"), init_weights=False).train()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(AUTOCAST_DEVICE, dtype=torch.bfloat16):
         loss = model(batch, labels=batch).loss
     loss.backward()
     assert torch.isfinite(loss)
@@ -305,7 +306,7 @@ def test_statistics_hook_leaves_routing_outputs_unchanged(arch):
     base = tiny_moe(arch).train()
     model = drlora(tiny_moe(arch)).train()
     model.base_model.set_router_trainable(True)
-    hidden = torch.randn(2, 5, HIDDEN, generator=torch.Generator().manual_seed(4))
+    hidden = torch.randn(2, 5, HIDDEN, generator=generator(4))
     for index, layer in enumerate(moe_layers(model)):
         base_block = base.model.layers[index].mlp
         base_router = base_block.router if arch == "phimoe" else base_block.gate
@@ -323,7 +324,7 @@ def test_statistics_hook_leaves_routing_outputs_unchanged(arch):
 
 def test_routing_frequency_is_the_top_k_mass_ema_without_padding():
     model = drlora(tiny_moe("olmoe"), frequency_beta=0.5).train()
-    tokens = torch.randint(3, 96, (2, 6), generator=torch.Generator().manual_seed(7))
+    tokens = torch.randint(3, 96, (2, 6), generator=generator(7))
     attention = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
     captured = []
     router = moe_layers(model)[0].router

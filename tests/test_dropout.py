@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import AUTOCAST_DEVICE
 from torch.utils.checkpoint import checkpoint
 
 from moelora.core.dropout import draw_keep_masks, expert_dropout_projection
@@ -73,7 +74,7 @@ def test_gradient_checkpointing_recomputes_the_same_masks():
 def test_autocast_runs_the_gemms_in_bf16_and_keeps_parameter_gradients_fp32():
     x, weight = leaves(torch.randn(6, 16), torch.randn(3, 4, 16))
     torch.manual_seed(1)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(AUTOCAST_DEVICE, dtype=torch.bfloat16):
         out = expert_dropout_projection(x, weight, 0.2)
     assert out.dtype == torch.bfloat16
     out.float().sum().backward()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import AUTOCAST_DEVICE
 from peft import PeftModel, get_peft_model
 from reference import check_independent_masks_against_loop
 from torch import nn
@@ -220,7 +221,7 @@ def test_save_and_load_reproduce_outputs_exactly(model_factory, token_batch, tmp
 def test_bf16_autocast_on_cpu(model_factory, token_batch):
     model = get_peft_model(model_factory(), HydraLoRAConfig(r=4, init_weights=False, lora_dropout=0.0))
     reference = model(input_ids=token_batch).logits
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(AUTOCAST_DEVICE, dtype=torch.bfloat16):
         out = model(input_ids=token_batch, labels=token_batch)
     out.loss.backward()
     assert torch.isfinite(out.loss)

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import generator, tiny_llama
 from peft import PeftModel
 from safetensors.torch import save_file
 from torch import nn
@@ -24,18 +24,18 @@ TARGETS = ("q_proj", "k_proj", "v_proj")
 def official_state_dict(model: nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
     """Random non-zero adapter tensors in the official layout: per-expert nn.Linear weights under PeftModel's
     `base_model.model.` prefix (B non-zero, so the update is visible)."""
-    generator = torch.Generator().manual_seed(seed)
+    stream = generator(seed)
     state = {}
     for name, module in model.named_modules():
         if not name.endswith(TARGETS):
             continue
         d_in, d_out, prefix = module.in_features, module.out_features, f"base_model.model.{name}."
         for i in range(M):
-            state[f"{prefix}lora_A.{i}.weight"] = torch.randn(R, d_in, generator=generator) / d_in**0.5
+            state[f"{prefix}lora_A.{i}.weight"] = torch.randn(R, d_in, generator=stream) / d_in**0.5
         for j in range(N):
-            state[f"{prefix}lora_B.{j}.weight"] = torch.randn(d_out, R, generator=generator) * 0.5
-        state[f"{prefix}lora_route1.weight"] = torch.randn(M, d_in, generator=generator)
-        state[f"{prefix}lora_route2.weight"] = torch.randn(N, R, generator=generator)
+            state[f"{prefix}lora_B.{j}.weight"] = torch.randn(d_out, R, generator=stream) * 0.5
+        state[f"{prefix}lora_route1.weight"] = torch.randn(M, d_in, generator=stream)
+        state[f"{prefix}lora_route2.weight"] = torch.randn(N, R, generator=stream)
     return state
 
 

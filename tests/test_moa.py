@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import AUTOCAST_DEVICE, generator
 from peft import PeftModel, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
@@ -60,7 +61,7 @@ def moa(arch: str = "llama", seed: int = 1, **settings):
 
 
 def tokens(batch: int = 2, length: int = 5) -> torch.Tensor:
-    return torch.randint(0, 96, (batch, length), generator=torch.Generator().manual_seed(1))
+    return torch.randint(0, 96, (batch, length), generator=generator(1))
 
 
 def layers(model) -> list:
@@ -507,7 +508,7 @@ def test_save_and_load_round_trip_restores_the_frozen_threshold(tmp_path):
 def test_bf16_autocast_keeps_fp32_routing_and_weights(sparse):
     model = moa(sparse=sparse, prompt_length=3, init_weights=False).train()
     expected = model(tokens(), labels=tokens())
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(AUTOCAST_DEVICE, dtype=torch.bfloat16):
         out = model(tokens(), labels=tokens())
     out.loss.backward()
     routing = layers(model)[0].input_layernorm.context.routing("default")

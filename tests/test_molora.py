@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from conftest import AUTOCAST_DEVICE
 from peft import PeftModel, get_peft_model
 from reference import check_independent_masks_against_loop
 from torch import nn
@@ -384,7 +385,7 @@ def test_bf16_autocast_on_cpu(model_factory, token_batch, top_k):
     model = get_peft_model(model_factory(), config)
     reference = model(input_ids=token_batch).logits
     model.train()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(AUTOCAST_DEVICE, dtype=torch.bfloat16):
         out = model(input_ids=token_batch, labels=token_batch)
     out.loss.backward()
     assert torch.isfinite(out.loss)

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from conftest import generator
 from peft import PeftModel, get_peft_model
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -253,7 +254,7 @@ def test_gradient_checkpointing_updates_once_and_gives_the_same_gradients(model_
         model = get_peft_model(model_factory(), config)
         for m in model.modules():
             if isinstance(m, SMoRALinear):
-                m.smora_bias["default"].data.normal_(generator=torch.Generator().manual_seed(3))
+                m.smora_bias["default"].data.normal_(generator=generator(3))
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()

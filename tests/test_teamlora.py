@@ -9,6 +9,7 @@ import pickle
 
 import pytest
 import torch
+from conftest import AUTOCAST_DEVICE
 from peft import PeftConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from torch import nn
@@ -450,7 +451,7 @@ def test_routing_statistics_record_the_router_softmax(model_factory, token_batch
 def test_bf16_autocast_on_cpu(model_factory, token_batch):
     model = get_peft_model(model_factory(), tiny_config(balance_loss_weight=0.1)).train()
     reference_logits = model(input_ids=token_batch).logits
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(AUTOCAST_DEVICE, dtype=torch.bfloat16):
         out = model(input_ids=token_batch, labels=token_batch)
     out.loss.backward()
     assert torch.isfinite(out.loss)
@@ -467,7 +468,7 @@ def test_router_softmax_runs_in_fp32_under_autocast(monkeypatch):
     dtypes = []
     original = torch.softmax
     monkeypatch.setattr(torch, "softmax", lambda t, dim: dtypes.append(t.dtype) or original(t, dim=dim))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(AUTOCAST_DEVICE, dtype=torch.bfloat16):
         out = layer(torch.randn(3, 16))
     assert dtypes == [torch.float32]
     assert out.dtype == torch.bfloat16

@@ -28,15 +28,20 @@ def draw_keep_masks(shape: tuple[int, ...], p: float, like: torch.Tensor) -> tor
 
 
 def _rng_state(device: torch.device) -> torch.Tensor:
-    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+    """The state of the default generator of `device`: the one `draw_keep_masks` draws from. Any accelerator, not
+    only CUDA: the CPU state would not replay an XPU or MPS draw, and backward would silently use other masks."""
+    if device.type == "cpu":
+        return torch.get_rng_state()
+    return torch.get_device_module(device.type).get_rng_state(device)
 
 
 @contextmanager
 def _replayed_rng(device: torch.device, state: torch.Tensor):
     """Run with the generator of `device` at `state`, leaving the global random streams as they were."""
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type):
-        if device.type == "cuda":
-            torch.cuda.set_rng_state(state, device)
+    accelerator = device.type != "cpu"
+    with torch.random.fork_rng(devices=[device] if accelerator else [], device_type=device.type):
+        if accelerator:
+            torch.get_device_module(device.type).set_rng_state(state, device)
         else:
             torch.set_rng_state(state)
         yield
