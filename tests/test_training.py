@@ -426,12 +426,15 @@ def test_the_adapter_says_what_made_it_and_loads_with_one_call(tmp_path, tiny_mo
         torch.testing.assert_close(model.eval()(input_ids=ids).logits, trained(input_ids=ids).logits)
 
 
+@pytest.mark.parametrize("trainer", ["plain", "trl"])
 @pytest.mark.parametrize("accumulation", [1, 2, 4])
-def test_a_plain_trainer_counts_the_auxiliary_loss_once_per_optimizer_step(tmp_path, tiny_model_dir, accumulation):
-    """One SGD step (lr 1) of a plain HF Trainer, D2MoRA with a large orthogonality weight against the same run
-    without it: the difference of the updated weights is the orthogonality gradient times how often the term
-    counted in that step. It must be once, whatever the accumulation (the Trainer passes num_items_in_batch to
-    a PeftModel and does not divide by the accumulation steps)."""
+def test_a_trainer_counts_the_auxiliary_loss_once_per_optimizer_step(tmp_path, tiny_model_dir, accumulation, trainer):
+    """One SGD step (lr 1) of a plain HF Trainer or TRL's SFTTrainer, D2MoRA with a large orthogonality weight
+    against the same run without it: the difference of the updated weights is the orthogonality gradient times how
+    often the term counted in that step. It must be once, whatever the accumulation. The plain Trainer passes
+    num_items_in_batch to a PeftModel and does not divide by the accumulation steps; TRL builds its loss from the
+    fused head's log-probabilities and never reads `outputs.loss`."""
+    from datasets import Dataset
     from peft import get_peft_model
     from transformers import Trainer, TrainingArguments
 
@@ -441,19 +444,26 @@ def test_a_plain_trainer_counts_the_auxiliary_loss_once_per_optimizer_step(tmp_p
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     rows = [{"input_ids": list(range(5 + i, 17 + i)), "attention_mask": [1] * 12, "labels": list(range(5 + i, 17 + i))}
             for i in range(8)]  # fmt: skip
+    settings = dict(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=8 // accumulation,
+        gradient_accumulation_steps=accumulation, max_steps=1, learning_rate=1.0, optim="sgd",
+        lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0, report_to=[], save_strategy="no",
+        use_cpu=True, train_sampling_strategy="sequential",
+    )  # fmt: skip
 
     def one_step(weight: float):
         torch.manual_seed(0)
         config = D2MoRAConfig(r=4, lora_dropout=0.0, init_weights=False, orthogonal_loss_weight=weight)
         model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), config)
         before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-        arguments = TrainingArguments(
-            output_dir=str(tmp_path / f"w{weight}"), per_device_train_batch_size=8 // accumulation,
-            gradient_accumulation_steps=accumulation, max_steps=1, learning_rate=1.0, optim="sgd",
-            lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0, report_to=[], save_strategy="no",
-            use_cpu=True, train_sampling_strategy="sequential",
-        )  # fmt: skip
-        Trainer(model=model, args=arguments, train_dataset=rows, data_collator=training_collator(tokenizer)).train()
+        if trainer == "plain":
+            collator = training_collator(tokenizer)
+            Trainer(model=model, args=TrainingArguments(**settings), train_dataset=rows, data_collator=collator).train()
+        else:
+            from trl import SFTConfig, SFTTrainer
+
+            data = Dataset.from_list([{"input_ids": row["input_ids"]} for row in rows])
+            SFTTrainer(model=model, args=SFTConfig(**settings), train_dataset=data, processing_class=tokenizer).train()
         return model, before, {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
 
     model, before, with_loss = one_step(10.0)

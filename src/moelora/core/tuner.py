@@ -15,6 +15,7 @@ from torch import nn
 from ..peft_compat import adapter_state_dict, check_target_module_exists
 from .config import MoeLoraConfig
 from .layer import ModelCall, MoeLoraLayer
+from .losses import WeightedLikeTokenLoss
 
 #: The D2MoRA paper adapts the attention q/k/v projections; these decoders name them alike.
 _QKV = ["q_proj", "k_proj", "v_proj"]
@@ -175,7 +176,13 @@ class MoeLoraTuner(BaseTuner):
             self._check_auxiliary_losses_can_train(terms)
         if terms:
             share = self._share_of_optimizer_step(kwargs)
-            outputs.loss = loss + share * sum(value.to(loss.dtype) for value in terms.values())
+            total = sum(terms.values())
+            outputs.loss = loss + share * total.to(loss.dtype)
+            log_probs, mask = getattr(outputs, "log_probs", None), getattr(outputs, "label_mask", None)
+            if log_probs is not None and mask is not None and log_probs.requires_grad and total.requires_grad:
+                # TRL's fused LM head: its trainer builds the loss from these and ignores `loss`; whichever of the
+                # two the loss is built from carries the terms, once (`WeightedLikeTokenLoss`).
+                outputs.log_probs = WeightedLikeTokenLoss.apply(log_probs, mask, total)
             # detached tensors, read as floats only when logged: no device sync (or graph break) per step
             self.last_auxiliary_losses = {term: value.detach() for term, value in terms.items()}
         return outputs
