@@ -570,7 +570,7 @@ def test_checkpoint_resumes_with_the_same_rank_map_and_masks(tmp_path, tiny_moe_
     write_run_config(config, tiny_moe_dir, full)
     assert main(["train", str(config)]) == 0
     resumed = tmp_path / "resumed"
-    final = {"checkpoint-8", "adapter_model.safetensors", "drlora_rank_map.json"}  # keep the run as of step 4
+    final = {"checkpoint-8", "adapter_model.safetensors", "drlora_rank_map.json", "train_metrics.json"}  # as of step 4
     shutil.copytree(full, resumed, ignore=lambda folder, names: final & set(names) if Path(folder) == full else [])
     middle = load_file(resumed / "checkpoint-4" / "adapter_model.safetensors")
     assert sum(v.sum() for k, v in middle.items() if k.endswith("drlora_mask")) == 2 * 16

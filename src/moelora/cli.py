@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
-from .config import BUNDLED, load_config, recipe_path, resolve_test_files
+from .config import BUNDLED, config_keys_help, load_config, recipe_path, resolve_test_files
 from .experiment import add_arguments as add_experiment_arguments
 from .methods import METHODS
 
@@ -40,12 +39,23 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--debug", action="store_true", help="show the full traceback of an error (also: MOELORA_DEBUG=1)"
+    )
+
+    def subcommand(name: str, **settings: object) -> argparse.ArgumentParser:
+        return commands.add_parser(name, parents=[common], **settings)
+
     raw = argparse.RawDescriptionHelpFormatter
-    train = commands.add_parser(
-        "train", help="fine-tune (then evaluate if evaluation.test_files is set)", epilog=_EPILOG, formatter_class=raw
+    train = subcommand(
+        "train",
+        help="fine-tune (then evaluate if evaluation.test_files is set)",
+        epilog=_EPILOG + "\n\n" + config_keys_help(),
+        formatter_class=raw,
     )
     _add_run_arguments(train, config_required=True)
-    quick = commands.add_parser(
+    quick = subcommand(
         "quickstart",
         help="D2MoRA on the default model and the bundled sample; base vs tuned table",
         epilog=_EPILOG,
@@ -56,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="replace a run in training.output_dir that used other data"
     )
     _add_model_argument(quick)
-    budget = commands.add_parser(
+    budget = subcommand(
         "budget",
         help="per method, the rank closest to a trainable-parameter budget without exceeding it",
         epilog=_EPILOG,
@@ -73,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="fix a structural field, e.g. d2mora.num_up_experts=4 (repeatable)",
     )  # fmt: skip
     budget.add_argument("--max-rank", type=int, default=1024)
-    evaluate = commands.add_parser("eval", help="evaluate a base model or a saved adapter")
+    evaluate = subcommand("eval", help="evaluate a base model or a saved adapter")
     evaluate.add_argument("--model", default=None, help="base model: 'smollm2-135m', a hub id or a local folder")
     evaluate.add_argument("--adapter", default=None, help="adapter folder saved by `moelora train`")
     evaluate.add_argument(
@@ -102,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the evaluator: moelora's own, or lm-evaluation-harness on the same items (a cross-check)",
     )
     evaluate.add_argument("--quantization", choices=["4bit", "8bit"], default=None, help="bitsandbytes base (CUDA)")
-    official = commands.add_parser(
+    official = subcommand(
         "import-d2mora",
         help="convert an official D2MoRA adapter folder (adapter_config.json + pickled weights) into a moelora one",
     )
@@ -113,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     official.add_argument(
         "--base-model", default=None, help="record this base model instead of the checkpoint's base_model_name_or_path"
     )
-    report = commands.add_parser(
+    report = subcommand(
         "report", help="routing and expert-similarity figures with a Markdown summary, for one run or two side by side"
     )
     report.add_argument(
@@ -131,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument(
         "--layers", default=None, help="comma-separated layers of the expert-matrix figure (default: first, mid, last)"
     )
-    compare = commands.add_parser(
+    compare = subcommand(
         "compare", help="one table (methods x tasks, mean ± std over seeds) and a bar chart of evaluated runs"
     )
     compare.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders or `moelora eval` output folders")
@@ -143,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-different-items", action="store_true",
         help="compare rows evaluated on different tasks or numbers of items (their accuracies are not comparable)",
     )  # fmt: skip
-    experiment = commands.add_parser(
+    experiment = subcommand(
         "experiment",
         help="train and evaluate the runs of an experiment file (seeds, methods, groups), then compare them",
     )
@@ -165,85 +175,12 @@ def _test_files(specs: list[str]) -> dict[str, str]:
     return _task_files(specs, "--test") if specs else resolve_test_files(BUNDLED)
 
 
-def run_evaluations(config, model, tokenizer, output_dir: Path, label: str, trainable: int | None):
-    """Evaluate with every configured protocol; returns the result objects (variants such as cloze_norm included)."""
-    import torch
-
-    precision = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(config.evaluation.matmul_precision)
-    try:
-        return _evaluate_protocols(config, model, tokenizer, output_dir, label, trainable)
-    finally:
-        torch.set_float32_matmul_precision(precision)
-
-
-def _evaluate_protocols(config, model, tokenizer, output_dir: Path, label: str, trainable: int | None):
-    from .evaluation import evaluate, with_variants
-
-    results = []
-    for protocol in config.evaluation.protocols:
-        max_items = config.evaluation.max_items
-        if protocol == "generate" and config.evaluation.generate_max_items is not None:
-            max_items = config.evaluation.generate_max_items
-        results += with_variants(
-            evaluate(
-                model,
-                tokenizer,
-                resolve_test_files(config.evaluation.test_files),
-                protocol=protocol,
-                batch_size=config.evaluation.batch_size,
-                max_items=max_items,
-                subset_seed=config.evaluation.subset_seed if max_items is not None else None,
-                num_beams=config.evaluation.num_beams,
-                max_new_tokens=config.evaluation.max_new_tokens,
-                output_dir=output_dir / f"eval_{label}",
-                metadata={
-                    "label": label,
-                    "model": config.model,
-                    "method": label,
-                    "trainable_parameters": trainable,
-                    "matmul_precision": config.evaluation.matmul_precision,
-                },  # fmt: skip
-            )
-        )
-    return results
-
-
 def command_train(config, resume: bool, overwrite: bool) -> int:
-    from accelerate import PartialState
+    from .pipeline import train_and_evaluate
 
-    from .evaluation import results_to_markdown
-    from .models import load_model_and_tokenizer, parse_dtype
-    from .training import check_inputs, check_output_dir, train
-
-    started = time.perf_counter()
-    # Bad settings, missing files, a bad dtype or output folder fail before the model loads.
-    check_inputs(config)
-    dtype = parse_dtype(config.model_dtype)
-    check_output_dir(config, resume=resume, overwrite=overwrite)
-    model, tokenizer = load_model_and_tokenizer(config.model, dtype=dtype, quantization=config.model_quantization)
-    result = train(config, model, tokenizer, resume=resume, overwrite=overwrite)
-    metrics = result.metrics
-    if not PartialState().is_main_process:
-        return 0  # under torchrun / accelerate launch, the main process reports and evaluates
-    print(
-        f"trained {config.method} in {metrics['train_runtime']:.0f}s: {metrics['tokens_seen']:,} tokens, "
-        f"{metrics['train_tokens_per_second']:.0f} tokens/s, train loss {metrics.get('train_loss', float('nan')):.4f}"
-    )
-    if not config.evaluation.test_files:
-        return 0
-    result.model.eval()
-    # the tuned model first: a run stopped during evaluation has then kept what only it can give
-    rows = run_evaluations(
-        config, result.model, tokenizer, result.output_dir, config.method, metrics["trainable_parameters"]
-    )
-    if config.evaluation.evaluate_base_model:
-        with result.model.disable_adapter():
-            rows = run_evaluations(config, result.model, tokenizer, result.output_dir, "base", 0) + rows
-    table = results_to_markdown(rows)
-    (result.output_dir / "results.md").write_text(table + "\n")
-    print(table)
-    print(f"total wall time {time.perf_counter() - started:.0f}s; results in {result.output_dir}")
+    outcome = train_and_evaluate(config, resume=resume, overwrite=overwrite)
+    if outcome is not None:  # under torchrun / accelerate launch, the main process reports
+        print(outcome.summary())
     return 0
 
 
@@ -254,8 +191,11 @@ def command_eval(args) -> int:
     from .harness import evaluate_with_lm_eval
     from .methods import method_name_of
     from .models import DEFAULT_MODEL, load_adapter, load_model_and_tokenizer, parse_dtype
+    from .pipeline import check_writable_folder
 
     dtype = parse_dtype(args.dtype, "--dtype")
+    if args.output_dir:
+        check_writable_folder(args.output_dir, "--output-dir")  # before the model loads and the items are scored
     label, trainable = "base", 0
     if args.adapter:
         model, tokenizer = load_adapter(args.adapter, args.model, dtype=dtype, quantization=args.quantization)
@@ -378,40 +318,42 @@ def _replaceable_quickstart(config) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        if args.command == "eval":
-            return command_eval(args)
-        if args.command == "budget":
-            return command_budget(args)
-        if args.command == "import-d2mora":
-            return command_import_d2mora(args)
-        if args.command == "report":
-            return command_report(args)
-        if args.command == "compare":
-            return command_compare(args)
-        if args.command == "experiment":
-            from .experiment import run_experiment
+    from .pipeline import report_errors
 
-            summary = run_experiment(
-                args.file,
-                jobs=args.jobs,
-                only=args.only,
-                compare_only=args.compare_only,
-                overrides=args.overrides,
-                output_dir=args.output_dir,
-            )
-            print(f"\n{summary.read_text()}\nwritten to {summary}")
-            return 0
-        if args.command == "quickstart":
-            config = load_config(recipe_path("quickstart"), _overrides(args))
-            code = command_train(config, resume=False, overwrite=args.overwrite or _replaceable_quickstart(config))
-            return code or quickstart_figures(config)
-        config = load_config(args.config, _overrides(args))
-        return command_train(config, resume=args.resume, overwrite=args.overwrite)
-    except (ValueError, RuntimeError, FileNotFoundError) as error:
-        print(f"moelora: error: {error}", file=sys.stderr)
-        return 1
+    args = build_parser().parse_args(argv)
+    return report_errors(lambda: _run_command(args), debug=args.debug)
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    if args.command == "eval":
+        return command_eval(args)
+    if args.command == "budget":
+        return command_budget(args)
+    if args.command == "import-d2mora":
+        return command_import_d2mora(args)
+    if args.command == "report":
+        return command_report(args)
+    if args.command == "compare":
+        return command_compare(args)
+    if args.command == "experiment":
+        from .experiment import run_experiment
+
+        summary = run_experiment(
+            args.file,
+            jobs=args.jobs,
+            only=args.only,
+            compare_only=args.compare_only,
+            overrides=args.overrides,
+            output_dir=args.output_dir,
+        )
+        print(f"\n{summary.read_text()}\nwritten to {summary}")
+        return 0
+    if args.command == "quickstart":
+        config = load_config(recipe_path("quickstart"), _overrides(args))
+        code = command_train(config, resume=False, overwrite=args.overwrite or _replaceable_quickstart(config))
+        return code or quickstart_figures(config)
+    config = load_config(args.config, _overrides(args))
+    return command_train(config, resume=args.resume, overwrite=args.overwrite)
 
 
 if __name__ == "__main__":

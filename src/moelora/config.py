@@ -17,7 +17,17 @@ from typing import Any
 
 import yaml
 
+from .tasks import TRAIN_TEMPLATES
+
 TARGETS = ("label", "text")
+PRECISIONS = ("fp32", "bf16", "fp16")
+TRAIN_SAMPLINGS = ("random", "group_by_length")
+
+
+def problems_error(problems: list[str]) -> ValueError:
+    """Problems found in one pass as one error: a single problem on the `moelora: error:` line, several as an
+    indented list under it."""
+    return ValueError(problems[0] if len(problems) == 1 else "\n  " + "\n  ".join(problems))
 
 
 @dataclass
@@ -53,6 +63,8 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
             raise ValueError(f"data.target: expected one of {', '.join(TARGETS)}, got {self.target!r}")
+        if self.template not in TRAIN_TEMPLATES:
+            raise ValueError(f"data.template: expected one of {', '.join(TRAIN_TEMPLATES)}, got {self.template!r}")
 
 
 @dataclass
@@ -120,6 +132,15 @@ class TrainingConfig:
             "help": "random (the papers) | group_by_length: batches of similar length, less padding, faster on CPU."
         },
     )
+
+    def __post_init__(self) -> None:
+        # checked with the config, so that a typo fails before the model loads, not when the Trainer starts
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"training.precision: expected one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.train_sampling not in TRAIN_SAMPLINGS:
+            raise ValueError(
+                f"training.train_sampling: expected one of {', '.join(TRAIN_SAMPLINGS)}, got {self.train_sampling!r}"
+            )
 
 
 @dataclass
@@ -255,6 +276,29 @@ def _check_value(value: Any, hint: Any, where: str) -> Any:
     raise ValueError(f"{where}: expected {expected}, got {value!r}")
 
 
+def _checked_values(cls: type, values: dict[str, Any], where: str, problems: list[str]) -> dict[str, Any]:
+    """The values of `cls`'s annotated fields as their types (`_check_value`); each value that is not of its type is
+    appended to `problems`, named `<where><key>`, and left out. Unknown keys are the caller's to report."""
+    hints = typing.get_type_hints(cls)
+    checked = {}
+    for key, value in values.items():
+        if key in hints:
+            try:
+                checked[key] = _check_value(value, hints[key], f"{where}{key}")
+            except ValueError as error:
+                problems.append(str(error))
+    return checked
+
+
+def field_type_problems(cls: type, values: dict[str, Any], where: str) -> list[str]:
+    """The values of dataclass `cls`'s fields that do not have the field's type. For configs checked by type nowhere
+    else: PEFT's own configs take `r: "8"` or `target_modules: 5` without a word, and the model then fails to build
+    after it has loaded."""
+    problems: list[str] = []
+    _checked_values(cls, values, f"{where}.", problems)
+    return problems
+
+
 def coerce_float_strings(cls: type, values: dict[str, Any]) -> dict[str, Any]:
     """Parse strings such as '1e-4' given for the float fields of a dataclass (YAML 1.1 leaves them strings)."""
     hints = typing.get_type_hints(cls)
@@ -268,24 +312,37 @@ def coerce_float_strings(cls: type, values: dict[str, Any]) -> dict[str, Any]:
     return coerced
 
 
-def _build_section(cls: type, values: dict[str, Any], where: str) -> Any:
+def _build_section(cls: type, values: dict[str, Any], where: str, problems: list[str], key_sep: str = ".") -> Any:
+    """The section built from `values`, or None with every unknown key and wrong value appended to `problems`;
+    a value is named `<where><key_sep><key>`."""
     known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
+    unknown = sorted(set(values) - known, key=str)  # key=str: YAML keys may be numbers (`1: x`)
     if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
-    hints = typing.get_type_hints(cls)
-    return cls(**{key: _check_value(value, hints[key], f"{where}.{key}") for key, value in values.items()})
+        problems.append(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
+    count = len(problems)
+    checked = _checked_values(cls, values, f"{where}{key_sep}", problems)
+    if len(problems) > count:
+        return None
+    try:
+        return cls(**checked)  # runs the section's own checks (__post_init__)
+    except ValueError as error:
+        problems.append(str(error))
+        return None
 
 
 def config_from_dict(values: dict[str, Any], where: str = "config") -> RunConfig:
+    """A RunConfig from nested values; every unknown key and bad value of every section is reported in one error."""
     values = dict(values)
-    sections = {}
+    sections, problems = {}, []
     for name, cls in _SECTIONS.items():
         section = values.pop(name, None) or {}
         if not isinstance(section, dict):
-            raise ValueError(f"{where}: '{name}' must be a mapping, got {type(section).__name__}")
-        sections[name] = _build_section(cls, section, f"{where}: {name}")
-    config = _build_section(RunConfig, values, where)
+            problems.append(f"{where}: '{name}' must be a mapping, got {type(section).__name__}")
+            continue
+        sections[name] = _build_section(cls, section, f"{where}: {name}", problems)
+    config = _build_section(RunConfig, values, where, problems, key_sep=": ")  # "run.yaml: model", not ".model"
+    if problems:
+        raise problems_error(problems)
     for name, section in sections.items():
         setattr(config, name, section)
     if not isinstance(config.adapter, dict):
@@ -348,11 +405,44 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ValueError(f"config file {path} does not exist")
+            raise ValueError(f"config file {path} {'is a folder' if path.is_dir() else 'does not exist'}")
         try:
-            values = yaml.safe_load(path.read_text()) or {}
+            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as error:
+            raise ValueError(f"{path}: not UTF-8 text (byte {error.start}); expected a YAML run config") from None
         except yaml.YAMLError as error:
-            raise ValueError(f"{path}: invalid YAML: {error}") from None
+            raise ValueError(f"{path}: invalid YAML{_yaml_error_place(error)}") from None
         if not isinstance(values, dict):
             raise ValueError(f"{path}: top level must be a mapping")
     return config_from_dict(apply_overrides(values, overrides or []), where=str(path or "overrides"))
+
+
+def _yaml_error_place(error: yaml.YAMLError) -> str:
+    """Where and what, on one line: PyYAML's own message spans several lines with a quote of the text."""
+    mark = getattr(error, "problem_mark", None)
+    place = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    problem = getattr(error, "problem", None) or " ".join(str(error).split())
+    return f"{place}: {problem}"
+
+
+def config_keys_help(width: int = 100) -> str:
+    """Every run-config key with its default and help text, for `moelora train --help`."""
+    import textwrap
+
+    lines = ["config keys (YAML, or section.key=value overrides):"]
+
+    def describe(prefix: str, cls: type) -> None:
+        for item in dataclasses.fields(cls):
+            if item.name in _SECTIONS:
+                continue
+            default = item.default_factory() if item.default_factory is not dataclasses.MISSING else item.default
+            head = f"  {prefix}{item.name} (default {default!r}): "
+            text = textwrap.fill(
+                head + item.metadata.get("help", ""), width, subsequent_indent="      ", break_on_hyphens=False
+            )
+            lines.append(text)
+
+    describe("", RunConfig)
+    for name, cls in _SECTIONS.items():
+        describe(f"{name}.", cls)
+    return "\n".join(lines)

@@ -104,7 +104,7 @@ def load_experiment(
     `overrides` (`section.key=value`, as for `moelora train`) apply to every run after its own settings, and
     `output_dir` replaces the file's: a smoke test of an experiment file with tiny settings, or a copy elsewhere.
     """
-    from .training import input_problems
+    from .pipeline import input_problems
 
     path = Path(path)
     if not path.is_file():
@@ -197,9 +197,7 @@ def _comparable(config: RunConfig) -> dict[str, Any]:
 def run_state(run: PlannedRun) -> str:
     """'done', 'evaluate' (trained), 'resume' (has a checkpoint), 'new' or 'restart' (interrupted before its
     first checkpoint); raises when the folder holds something else."""
-    from transformers.trainer_utils import get_last_checkpoint
-
-    from .training import RUN_CONFIG_NAME
+    from .training import RUN_CONFIG_NAME, last_complete_checkpoint
 
     folder = run.folder
     if not folder.exists() or not any(folder.iterdir()):
@@ -214,35 +212,23 @@ def run_state(run: PlannedRun) -> str:
         )
     if (folder / "train_metrics.json").is_file():
         return "done" if all(path.is_file() for path in _expected_results(run)) else "evaluate"
-    return "resume" if get_last_checkpoint(str(folder)) else "restart"
+    return "resume" if last_complete_checkpoint(folder) else "restart"
 
 
 def run_one(config_path: str | Path) -> int:
     """One run, in this process: train (new, resumed or restarted) and evaluate, or only evaluate."""
-    from .cli import command_train, run_evaluations
+    from .pipeline import evaluate_trained_run, train_and_evaluate
 
     config = load_config(config_path)
-    run = PlannedRun("", "", config.training.seed, config)
-    state = run_state(run)
+    state = run_state(PlannedRun("", "", config.training.seed, config))
     if state == "done":
         return 0
-    if state != "evaluate":
-        return command_train(config, resume=state == "resume", overwrite=state == "restart")
-    from peft import PeftModel
-
-    from .evaluation import results_to_markdown
-    from .models import load_model_and_tokenizer, parse_dtype
-
-    model, tokenizer = load_model_and_tokenizer(config.model, dtype=parse_dtype(config.model_dtype))
-    model = PeftModel.from_pretrained(model, str(run.folder))
-    model.eval()
-    trainable = json.loads((run.folder / "train_metrics.json").read_text())["trainable_parameters"]
-    rows = []
-    if config.evaluation.evaluate_base_model:
-        with model.disable_adapter():
-            rows += run_evaluations(config, model, tokenizer, run.folder, "base", 0)
-    rows += run_evaluations(config, model, tokenizer, run.folder, config.method, trainable)
-    print(results_to_markdown(rows))
+    if state == "evaluate":
+        outcome = evaluate_trained_run(config)
+    else:
+        outcome = train_and_evaluate(config, resume=state == "resume", overwrite=state == "restart")
+    if outcome is not None:
+        print(outcome.summary())
     return 0
 
 
@@ -366,5 +352,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-if __name__ == "__main__":  # one run, launched by run_experiment
-    sys.exit(run_one(sys.argv[1]))
+if __name__ == "__main__":  # one run, launched by run_experiment; its errors are one line in its log
+    from .pipeline import report_errors
+
+    sys.exit(report_errors(lambda: run_one(sys.argv[1])))

@@ -8,6 +8,7 @@ in a cache directory; later loads read that folder in about a second.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -156,6 +157,72 @@ def load_model_and_tokenizer(
     return model, tokenizer
 
 
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+#: PEFT's pickled weights file, which it loads (torch.load) when a folder has no safetensors file.
+PICKLED_ADAPTER_WEIGHTS = "adapter_model.bin"
+
+
+def check_adapter_folder(folder: str | Path) -> None:
+    """Refuse, with one line naming the file to fix, an adapter folder that PEFT would fail on deep in its loader
+    (after the base model has loaded) or load unsafely: no folder, an official D2MoRA checkpoint, an
+    adapter_config.json that is not a JSON object of a known peft_type with valid fields, pickled weights only
+    (PEFT's fallback to adapter_model.bin unpickles it, which can run code; moelora reads safetensors only), and a
+    truncated or corrupt adapter_model.safetensors (its header is checked against the file size; no tensor is
+    read). Every place that loads a moelora adapter folder calls this first."""
+    from peft import PeftConfig
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+    from safetensors import SafetensorError, safe_open
+
+    from .official import check_not_official
+
+    path = Path(folder)
+    if not path.is_dir():
+        raise ValueError(f"adapter folder {path} {'is a file' if path.exists() else 'does not exist'}")
+    config_file = path / ADAPTER_CONFIG
+    if not config_file.is_file():
+        raise ValueError(f"{path} holds no {ADAPTER_CONFIG}: not a moelora run or adapter folder")
+    check_not_official(path)
+    try:
+        fields = json.loads(config_file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{config_file}: not UTF-8 text (byte {error.start})") from None
+    except json.JSONDecodeError as error:
+        place = f"line {error.lineno}, column {error.colno}"
+        raise ValueError(f"{config_file}: invalid JSON at {place}: {error.msg}") from None
+    if not isinstance(fields, dict):
+        raise ValueError(f"{config_file}: expected a JSON object, got {type(fields).__name__}")
+    peft_type = fields.get("peft_type")
+    if not isinstance(peft_type, str) or peft_type not in PEFT_TYPE_TO_CONFIG_MAPPING:
+        raise ValueError(
+            f"{config_file}: field 'peft_type' {peft_type!r} is neither a moelora method nor a PEFT method "
+            "(a newer moelora's, or another library's adapter?)"
+        )
+    try:
+        PeftConfig.from_pretrained(str(path))  # the config class's own field checks (r >= 1, ...)
+    except (TypeError, ValueError, KeyError) as error:
+        raise ValueError(f"{config_file}: {' '.join(str(error).split())}") from None
+    weights = path / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        pickled = path / PICKLED_ADAPTER_WEIGHTS
+        if pickled.is_file():
+            raise ValueError(
+                f"{pickled}: moelora loads adapter weights from {ADAPTER_WEIGHTS} only (a .bin file is a pickle, "
+                'which can run code when loaded); if you trust it, convert it: python -c "import torch; from '
+                f"safetensors.torch import save_file; save_file(torch.load('{pickled}', weights_only=True), "
+                f"'{weights}')\""
+            )
+        raise ValueError(f"{path} holds no {ADAPTER_WEIGHTS}: the adapter was not saved (an unfinished run?)")
+    try:
+        with safe_open(str(weights), framework="pt"):
+            pass
+    except SafetensorError as error:
+        raise ValueError(
+            f"{weights}: not a complete safetensors file ({error}); it was cut short or damaged, e.g. by an "
+            "interrupted copy or save: copy or save it again"
+        ) from None
+
+
 def load_adapter(
     adapter_dir: str | Path,
     base_model: str | None = None,
@@ -169,12 +236,10 @@ def load_adapter(
 
     Importing moelora registers its methods with PEFT, which `PeftModel.from_pretrained` needs; this call does
     that, resolves `smollm2-135m` to the embedded model, and refuses an official D2MoRA checkpoint (pickled
-    weights) with the command that converts it."""
+    weights) with the command that converts it, and any other folder `check_adapter_folder` refuses."""
     from peft import PeftConfig, PeftModel
 
-    from .official import check_not_official
-
-    check_not_official(str(adapter_dir))
+    check_adapter_folder(adapter_dir)
     name = base_model or PeftConfig.from_pretrained(str(adapter_dir)).base_model_name_or_path or DEFAULT_MODEL
     model, tokenizer = load_model_and_tokenizer(name, dtype=dtype, quantization=quantization)
     return PeftModel.from_pretrained(model, str(adapter_dir)), tokenizer

@@ -70,13 +70,13 @@ def open_run(path: str | Path, label: str | None = None) -> Run:
     from peft import PeftConfig
 
     from .methods import method_name_of
-    from .official import check_not_official
+    from .models import check_adapter_folder
     from .training import RUN_CONFIG_NAME
 
     path = Path(path)
     if not (path / "adapter_config.json").is_file():
         raise ValueError(f"{path} holds no adapter_config.json: not a moelora run or adapter folder")
-    check_not_official(path)
+    check_adapter_folder(path)  # before any model loads: PEFT's loader would fail late, or unpickle a .bin
     run_config = load_config(path / RUN_CONFIG_NAME) if (path / RUN_CONFIG_NAME).is_file() else None
     method = method_name_of(PeftConfig.from_pretrained(str(path)))
     adapter_config = json.loads((path / "adapter_config.json").read_text())
@@ -658,11 +658,13 @@ def report(
     from peft import PeftModel
 
     from .models import load_model_and_tokenizer, parse_dtype
+    from .pipeline import check_writable_folder
 
     if not 1 <= len(paths) <= 2:
         raise ValueError(f"report takes one or two run folders, got {len(paths)}")
     paths = [Path(path) for path in paths]
     runs = [open_run(path, label) for path, label in zip(paths, _unique_labels(paths), strict=True)]
+    check_writable_folder(out or runs[0].path / REPORT_DIR, "--out")  # before the base models load
     files, note = _evaluation_files(runs[0], data)
     stats: list[RoutingStats | None] = []
     for run in runs:

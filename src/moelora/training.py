@@ -16,14 +16,19 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
+import time
+import zipfile
 from dataclasses import dataclass, replace
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import PartialState
 from peft import PeftModel, get_peft_model
+from safetensors import safe_open
 from transformers import (
     DataCollatorForSeq2Seq,
     PreTrainedModel,
@@ -33,7 +38,9 @@ from transformers import (
     TrainingArguments,
     set_seed,
 )
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.integrations import TensorBoardCallback
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from .config import RunConfig, coerce_float_strings, config_from_dict, load_config, resolve_train_files
 from .core.tuner import MoeLoraTuner, resolve_default_targets
@@ -49,61 +56,233 @@ class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite."""
 
 
-def input_problems(config: RunConfig) -> list[str]:
-    """Everything wrong with a run's settings and input files that can be found without loading data or model:
-    adapter fields, training files and test files that do not exist, sizes that cannot work. One pass lists every
-    problem, so a run that would fail after hours of loading and training fails in a second instead."""
-    from .config import resolve_test_files
-    from .data import missing_source
-    from .tasks import TASKS
+class TrainingFinished(Exception):
+    """`--resume` of a run whose training finished: there is nothing to continue. Not an error: the command line
+    says so and exits 0."""
 
-    problems = []
+
+class CheckpointSaveError(OSError):
+    """A checkpoint could not be written (a full disk, a quota); the checkpoints saved before it are intact."""
+
+
+# --- checkpoints ------------------------------------------------------------------------------------------------
+
+#: The run's totals up to a checkpoint (`RunProgress`), saved in the checkpoint.
+PROGRESS_NAME = "moelora_progress.json"
+_CHECKPOINT_NAME = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")  # the names transformers resumes from
+#: Where a checkpoint is written before it is renamed to `checkpoint-N`: hidden, and not a name that
+#: transformers' `get_last_checkpoint` or checkpoint rotation would pick up.
+_STAGING_PREFIX = f".tmp-{PREFIX_CHECKPOINT_DIR}-"
+#: A checkpoint holds model weights and optimizer state in one of the Trainer's layouts (plain, FSDP, DeepSpeed).
+_NEEDED = {
+    "model weights": ("adapter_model.*", "model.safetensors", "pytorch_model*", "global_step*"),
+    "optimizer state": ("optimizer.pt", "optimizer.bin", "optimizer_*", "global_step*"),
+}
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why `folder` cannot be resumed from, or None when it is complete.
+
+    moelora's checkpoints appear only once complete (`MoeLoraTrainer`), but one written by an older moelora or cut
+    short by a crash may lack files or hold a truncated one. The Trainer writes trainer_state.json last; weights and
+    optimizer state must be there too, and every safetensors or torch file must be whole: safetensors checks that
+    its header covers the file exactly, a torch zip file ends with its directory (neither loads any tensor).
+    """
     try:
-        build_adapter_config(config.method, config.adapter)
-    except ValueError as error:
-        problems.append(str(error))
-    try:
-        sources = parse_sources(resolve_train_files(config.data.train_files))
-    except ValueError as error:
-        problems.append(f"data.train_files: {error}")
-        sources = []
-    problems += [f"data.train_files: {s.path}: file not found" for s in sources if missing_source(s.path)]
-    if not config.data.train_files:
-        problems.append("data.train_files: no training files given")
-    try:
-        test_files = resolve_test_files(config.evaluation.test_files)
-    except ValueError as error:
-        problems.append(str(error))
-        test_files = {}
-    for task, path in test_files.items():
-        if task not in TASKS:
-            problems.append(f"evaluation.test_files: unknown task {task!r}; known tasks: {', '.join(TASKS)}")
-        elif not Path(path).is_file():
-            problems.append(f"evaluation.test_files.{task}: {path}: file not found")
-    t = config.training
-    for where, value in (
-        ("data.cutoff_len", config.data.cutoff_len),
-        ("training.global_batch_size", t.global_batch_size),
-        ("training.micro_batch_size", t.micro_batch_size),
-        ("evaluation.batch_size", config.evaluation.batch_size),
-    ):
-        if value < 1:
-            problems.append(f"{where}: must be at least 1, got {value}")
-    if t.global_batch_size >= 1 and t.micro_batch_size >= 1 and t.global_batch_size % t.micro_batch_size:
-        problems.append(
-            f"training.global_batch_size={t.global_batch_size} is not divisible by "
-            f"micro_batch_size={t.micro_batch_size}"
+        json.loads((folder / TRAINER_STATE_NAME).read_text())
+    except FileNotFoundError:
+        return f"{TRAINER_STATE_NAME} missing"
+    except (OSError, ValueError):
+        return f"{TRAINER_STATE_NAME} unreadable"
+    entries = sorted(folder.iterdir())
+    for what, patterns in _NEEDED.items():
+        if not any(fnmatch(entry.name, pattern) for entry in entries for pattern in patterns):
+            return f"no {what}"
+    for entry in entries:
+        if entry.suffix == ".safetensors":
+            try:
+                with safe_open(entry, "pt"):
+                    pass
+            except Exception:  # SafetensorError (a bad header) or OSError
+                return f"{entry.name} cut short"
+        elif entry.suffix in (".pt", ".pth", ".bin") and entry.is_file() and not zipfile.is_zipfile(entry):
+            return f"{entry.name} cut short"
+    return None
+
+
+def _numbered_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
+    """The `checkpoint-N` folders in `output_dir` with their step, newest first."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return []
+    found = [(int(match[1]), path) for path in folder.iterdir() if (match := _CHECKPOINT_NAME.match(path.name))]
+    return sorted((step, path) for step, path in found if path.is_dir())[::-1]
+
+
+def last_complete_checkpoint(output_dir: str | Path) -> str | None:
+    """The newest complete checkpoint in `output_dir` (see `checkpoint_problem`), or None.
+
+    transformers' `get_last_checkpoint` takes the highest `checkpoint-N`, whole or not, so a save cut short by a
+    full disk or a kill made `--resume` fail instead of continuing from the checkpoint before it.
+    """
+    return next((str(path) for _, path in _numbered_checkpoints(output_dir) if checkpoint_problem(path) is None), None)
+
+
+def _skipped_checkpoints(output_dir: Path, resumed: str | None) -> str:
+    """The incomplete checkpoints newer than `resumed`, for the line that says where a run continues."""
+    newest_complete = int(_CHECKPOINT_NAME.match(Path(resumed).name)[1]) if resumed else -1
+    newer = [path for step, path in _numbered_checkpoints(output_dir) if step > newest_complete]
+    skipped = [f"{path.name} ({checkpoint_problem(path)})" for path in newer]
+    return f"; skipped incomplete {', '.join(skipped)}" if skipped else ""
+
+
+@dataclass
+class RunProgress:
+    """What the run did up to a checkpoint, saved in it: a resumed run adds this segment to it and so reports the
+    whole run (what an interrupted segment did after the checkpoint is redone, so it is not counted).
+
+    `loss_sum` is the sum of the per-step training losses, as the Trainer accumulates it for `train_loss`."""
+
+    global_step: int = 0
+    train_runtime: float = 0.0
+    loss_sum: float = 0.0
+    tokens_seen: int = 0
+
+    @classmethod
+    def read(cls, checkpoint: str | None) -> RunProgress:
+        """The progress saved in `checkpoint`; none (zeros) for a new run or a checkpoint of an older moelora."""
+        path = Path(checkpoint or "", PROGRESS_NAME)
+        return cls(**json.loads(path.read_text())) if checkpoint and path.is_file() else cls()
+
+
+class ResumableTensorBoardCallback(TensorBoardCallback):
+    """TensorBoard logging that continues a resumed run's own log folder and hides what the interrupted segment
+    logged after the checkpoint (the steps it redoes): TensorBoard then shows each step once. The plain callback
+    starts a new `runs/<time>` folder per segment, where the redone steps appeared twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.purge_step: int | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.global_step > 0 and state.is_world_process_zero:
+            self.purge_step = state.global_step + 1  # the checkpoint's own step was logged before its save
+            if self.logging_dir is None:  # TENSORBOARD_LOGGING_DIR unset: the default runs/<time> folders
+                earlier = [path for path in Path(args.output_dir, "runs").glob("*") if path.is_dir()]
+                self.logging_dir = str(max(earlier, key=lambda path: path.stat().st_mtime)) if earlier else None
+        super().on_train_begin(args, state, control, **kwargs)
+
+    def _init_summary_writer(self, args):
+        self.tb_writer = self._SummaryWriter(log_dir=self.logging_dir, purge_step=self.purge_step)
+
+
+class MoeLoraTrainer(Trainer):
+    """A Trainer whose checkpoints survive faults and whose metrics cover the whole run across resumes.
+
+    - A checkpoint is written into a hidden folder and renamed to `checkpoint-N` once complete (a rename within
+      a filesystem is atomic): a full disk or a kill during a save leaves no partial `checkpoint-N`, and the
+      rotation of old checkpoints (`save_total_limit`) runs only once the new one is complete.
+    - Each checkpoint holds the run's `RunProgress`; `train()` reads it back when resuming, and the final metrics
+      (`train_runtime`, `train_loss`, the speeds) count the earlier segments too.
+    - A run resumed from a checkpoint at `max_steps` (stopped after its last save) trains no further step;
+      transformers would run one more.
+
+    `monitor` counts this segment's tokens and losses. Only `_save_checkpoint`, `_get_output_dir` and `_run_epoch`
+    of the Trainer's internals are overridden (present since transformers 5.0); the totals come from the monitor.
+    """
+
+    def __init__(self, *args: Any, monitor: MoeLoraCallback, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.monitor = monitor
+        self.resumed = RunProgress()
+        self._started = time.time()
+        self._staging: Path | None = None
+        handler = self.callback_handler
+        handler.callbacks = [
+            ResumableTensorBoardCallback() if type(callback) is TensorBoardCallback else callback
+            for callback in handler.callbacks
+        ]
+
+    def train(self, resume_from_checkpoint: str | None = None, **kwargs: Any):
+        self._started = time.time()
+        self.resumed = RunProgress.read(resume_from_checkpoint)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def progress(self) -> RunProgress:
+        """The run's totals now: this segment's added to those of the checkpoint it resumed from."""
+        return RunProgress(
+            global_step=self.state.global_step,
+            train_runtime=self.resumed.train_runtime + time.time() - self._started,
+            loss_sum=self.resumed.loss_sum + self.monitor.loss_sum,
+            tokens_seen=self.resumed.tokens_seen + self.monitor.tokens_seen,
         )
-    if t.max_steps == 0 or (t.max_steps < 0 and t.num_epochs <= 0):
-        problems.append(f"training: nothing to train (max_steps={t.max_steps}, num_epochs={t.num_epochs})")
-    return problems
 
+    def whole_run_metrics(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        """The Trainer's final metrics (of this segment) with runtime, loss and speeds of the whole run; the last
+        entry of the log history, which holds them too, is updated alike."""
+        progress = self.progress()
+        steps, runtime = progress.global_step, max(progress.train_runtime, 1e-9)
+        whole = {
+            "train_runtime": progress.train_runtime,
+            "train_loss": progress.loss_sum / steps if steps else math.nan,
+            "train_steps_per_second": steps / runtime,
+            "train_samples_per_second": steps * self.args.train_batch_size * self.args.gradient_accumulation_steps
+            * self.args.world_size / runtime,
+        }  # fmt: skip
+        if self.state.log_history and "train_runtime" in self.state.log_history[-1]:
+            self.state.log_history[-1].update(whole)
+        return {**metrics, **whole}
 
-def check_inputs(config: RunConfig) -> None:
-    """`input_problems` as one error listing them all."""
-    problems = input_problems(config)
-    if problems:
-        raise ValueError("; ".join(problems) if len(problems) == 1 else "\n  " + "\n  ".join(problems))
+    def _get_output_dir(self, trial) -> str:
+        # While a checkpoint is saved, the Trainer writes it into the staging folder (`_save_checkpoint`).
+        return str(self._staging) if self._staging is not None else super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Saves into a hidden folder, renames it to `checkpoint-N` once complete, then rotates old checkpoints."""
+        run_dir = Path(self._get_output_dir(trial))
+        step = self.state.global_step
+        final, staging = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{step}", run_dir / f"{_STAGING_PREFIX}{step}"
+        if self.args.should_save:
+            for stale in run_dir.glob(f"{_STAGING_PREFIX}*"):  # left by a crash or a kill during a save
+                shutil.rmtree(stale)
+        self.accelerator.wait_for_everyone()  # no process writes into a folder that is being removed
+        self._staging = staging
+        try:
+            super()._save_checkpoint(model, trial)  # into staging/checkpoint-N, the only checkpoint it rotates
+            self._staging = None
+            self.accelerator.wait_for_everyone()  # every process's files (RNG states, shards) are in
+            if self.args.should_save:
+                self._publish(staging / final.name, final)
+        except Exception as error:  # a full disk: RuntimeError from torch, SafetensorError, OSError from the rest
+            self._staging = None
+            if self.args.should_save:
+                shutil.rmtree(staging, ignore_errors=True)  # frees what the partial save took
+            kept = last_complete_checkpoint(run_dir)
+            kept = f"{kept} is intact and --resume continues from it" if kept else "no earlier checkpoint was saved"
+            raise CheckpointSaveError(
+                f"{final}: saving the checkpoint failed ({type(error).__name__}: {error}); {kept}"
+            ) from error
+        if self.args.should_save:
+            rotate_checkpoints(
+                str(run_dir), self.args.save_total_limit, self.state.best_model_checkpoint, use_mtime=True
+            )
+
+    def _publish(self, staged: Path, final: Path) -> None:
+        """Completes the staged checkpoint (the run's progress, the best checkpoint's final path), then renames it:
+        within one filesystem the rename is atomic, so `final` appears whole or not at all."""
+        if self.state.best_model_checkpoint == str(staged):
+            self.state.best_model_checkpoint = str(final)
+            self.state.save_to_json(str(staged / TRAINER_STATE_NAME))
+        (staged / PROGRESS_NAME).write_text(json.dumps(dataclasses.asdict(self.progress())))
+        if final.exists():  # an incomplete one (an older moelora's, a crash's), which resuming skipped
+            shutil.rmtree(final)
+        staged.rename(final)
+        staged.parent.rmdir()
+
+    def _run_epoch(self, *args: Any, **kwargs: Any) -> None:
+        if self.state.global_step >= self.state.max_steps:
+            return  # resumed from a checkpoint at max_steps: transformers' loop would run one more step
+        super()._run_epoch(*args, **kwargs)
 
 
 def build_adapter_config(method_name: str, fields: dict[str, Any]):
@@ -135,9 +314,11 @@ def build_peft_model(model: PreTrainedModel, config: RunConfig) -> PeftModel:
 def check_output_dir(config: RunConfig, *, resume: bool, overwrite: bool) -> tuple[str | None, bool]:
     """Read-only checks of the output directory: (checkpoint to resume from, whether a run will be replaced).
 
-    A run of the same config that stopped before its first checkpoint (a crash, a bad input found late, a kill)
-    holds nothing worth keeping: the same command, or `--resume`, starts it again. A run with checkpoints is
-    continued only by `--resume`, and a finished run (`train_metrics.json`) is replaced only by `--overwrite`.
+    A run of the same config that stopped before its first complete checkpoint (a crash, a bad input found late, a
+    kill) holds nothing worth keeping: the same command, or `--resume`, starts it again. A run with checkpoints is
+    continued only by `--resume`, from its newest complete checkpoint; a finished run (`train_metrics.json`) is
+    replaced only by `--overwrite`, and `--resume` of it raises `TrainingFinished` unless the config now asks
+    for more steps or epochs than it trained.
     """
     output_dir = Path(config.training.output_dir)
     saved = output_dir / RUN_CONFIG_NAME
@@ -153,17 +334,24 @@ def check_output_dir(config: RunConfig, *, resume: bool, overwrite: bool) -> tup
                     f"--resume: {output_dir} was trained with a different '{key}' "
                     f"({previous[key]!r}, now {current[key]!r}); resume with the same config or pick a new output_dir"
                 )
-        checkpoint = get_last_checkpoint(str(output_dir))
+        if finished:
+            done, t = json.loads((output_dir / "train_metrics.json").read_text()), config.training
+            if done["global_step"] >= t.max_steps if t.max_steps > 0 else done.get("epoch", math.inf) >= t.num_epochs:
+                raise TrainingFinished(
+                    f"{output_dir}: training finished already ({done['global_step']} steps); nothing to resume "
+                    "(--overwrite trains it again)"
+                )
+        checkpoint = last_complete_checkpoint(output_dir)
         if checkpoint is None:
-            if finished:
+            if finished:  # and the config asks for more steps
                 raise ValueError(f"--resume: {output_dir} holds a finished run and no checkpoint to continue from")
-            return None, True  # stopped before its first checkpoint: start it again
+            return None, True  # stopped before its first complete checkpoint: start it again
         return checkpoint, False
     if output_dir.exists() and any(output_dir.iterdir()):
         if _failed_before_first_checkpoint(config, output_dir, finished):
             return None, True
         if not overwrite:
-            hint = "--resume to continue it, " if get_last_checkpoint(str(output_dir)) and not finished else ""
+            hint = "--resume to continue it, " if last_complete_checkpoint(output_dir) and not finished else ""
             raise ValueError(
                 f"{output_dir} already holds files ({'a finished run' if finished else 'another run?'}); pass "
                 f"--overwrite to replace it, {hint}or choose another training.output_dir"
@@ -176,7 +364,7 @@ def check_output_dir(config: RunConfig, *, resume: bool, overwrite: bool) -> tup
 
 def _failed_before_first_checkpoint(config: RunConfig, output_dir: Path, finished: bool) -> bool:
     saved = output_dir / RUN_CONFIG_NAME
-    if finished or not saved.is_file() or get_last_checkpoint(str(output_dir)) is not None:
+    if finished or not saved.is_file() or last_complete_checkpoint(output_dir) is not None:
         return False
     if (output_dir / "adapter_model.safetensors").exists():
         return False  # an adapter without metrics: someone's result, not a failed start
@@ -196,10 +384,15 @@ def prepare_output_dir(config: RunConfig, *, resume: bool, overwrite: bool) -> s
     output_dir = Path(config.training.output_dir)
     state = PartialState()
     state.wait_for_everyone()
+    if state.is_main_process and checkpoint is not None:
+        print(f"{output_dir}: resuming from {Path(checkpoint).name}{_skipped_checkpoints(output_dir, checkpoint)}")
     if state.is_main_process and (replace_existing or not resume):
         if replace_existing:
             if not overwrite:
-                print(f"{output_dir}: the run of this config there stopped before its first checkpoint; starting again")
+                print(
+                    f"{output_dir}: the run of this config there stopped before its first checkpoint"
+                    f"{_skipped_checkpoints(output_dir, None)}; starting again"
+                )
             shutil.rmtree(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         config.save(output_dir / RUN_CONFIG_NAME)
@@ -227,11 +420,16 @@ class MoeLoraCallback(TrainerCallback):
         self.step = 0
         self._tokens: torch.Tensor | int = 0
         self._losses: list[torch.Tensor] = []
+        self._loss_sum: torch.Tensor | float = 0.0  # of the per-step mean losses, as the Trainer's `train_loss`
         model.get_base_model().register_forward_hook(self._record_forward, with_kwargs=True)
 
     @property
     def tokens_seen(self) -> int:
         return int(self._tokens)
+
+    @property
+    def loss_sum(self) -> float:
+        return float(self._loss_sum)
 
     def _record_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict, outputs: Any) -> None:
         if not module.training:
@@ -252,6 +450,8 @@ class MoeLoraCallback(TrainerCallback):
         """Runs before the Trainer may save this step, so non-finite weights never reach a checkpoint."""
         losses = torch.cat(self._losses) if self._losses else None
         self._losses = []
+        if losses is not None:
+            self._loss_sum = self._loss_sum + losses.mean()
         weights = [param.detach() for _, param in self.trainable]
         parts = [
             part
@@ -373,10 +573,6 @@ def training_arguments(config: RunConfig, has_validation: bool) -> TrainingArgum
             f"training.global_batch_size={t.global_batch_size} is not divisible by "
             f"micro_batch_size={t.micro_batch_size} x {world} process(es)"
         )
-    if t.precision not in ("fp32", "bf16", "fp16"):
-        raise ValueError(f"training.precision must be fp32, bf16 or fp16, got {t.precision!r}")
-    if t.train_sampling not in ("random", "group_by_length"):
-        raise ValueError(f"training.train_sampling must be random or group_by_length, got {t.train_sampling!r}")
     return TrainingArguments(
         output_dir=t.output_dir,
         per_device_train_batch_size=t.micro_batch_size,
@@ -506,7 +702,7 @@ def train(
     )
     peft_model = build_peft_model(model, config)
     monitor = MoeLoraCallback(peft_model)
-    trainer = Trainer(
+    trainer = MoeLoraTrainer(
         model=peft_model,
         args=training_arguments(config, has_validation=val_set is not None),
         train_dataset=train_set,
@@ -516,6 +712,7 @@ def train(
         ),
         processing_class=tokenizer,
         callbacks=callbacks,
+        monitor=monitor,
     )
     check_requested_sharding(trainer.accelerator.distributed_type.value)
     # First, so the values it adds to the logs reach the reporting callbacks (TensorBoard) after it.
@@ -531,7 +728,7 @@ def train(
     try:
         output = trainer.train(resume_from_checkpoint=checkpoint)
     except NonFiniteLossError as error:
-        last = get_last_checkpoint(config.training.output_dir)
+        last = last_complete_checkpoint(config.training.output_dir)
         kept = f"the last good checkpoint is {last}" if last else "no checkpoint had been saved yet"
         raise NonFiniteLossError(f"{error}; training stopped, {kept}") from None
     trainer.save_model(config.training.output_dir)
@@ -540,21 +737,24 @@ def train(
     # The Trainer's accelerator leaves the model's forward wrapped in the training autocast (bf16/fp16);
     # evaluation after training would then score with bf16 logits, whose coarse steps tie candidates.
     peft_model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
-    metrics = dict(output.metrics)
+    metrics = trainer.whole_run_metrics(dict(output.metrics))  # of the whole run, resumed or not
     metrics["global_step"] = output.global_step
-    metrics["tokens_seen"] = monitor.tokens_seen
+    metrics["tokens_seen"] = trainer.progress().tokens_seen
     metrics["train_records"] = len(train_set)
     runtime = metrics.get("train_runtime") or math.nan
-    metrics["train_tokens_per_second"] = monitor.tokens_seen / runtime if runtime else math.nan
+    metrics["train_tokens_per_second"] = metrics["tokens_seen"] / runtime if runtime else math.nan
     metrics["trainable_parameters"] = peft_model.get_nb_trainable_parameters()[0]
     metrics["distributed_type"] = str(trainer.accelerator.distributed_type.value)
     metrics["world_size"] = trainer.accelerator.num_processes
     if trainer.is_world_process_zero():
         output_dir = Path(config.training.output_dir)
         (output_dir / "train_log.json").write_text(json.dumps(trainer.state.log_history))
-        (output_dir / "train_metrics.json").write_text(json.dumps(metrics, indent=2))
+        # the mark of a finished run (`check_output_dir`): renamed into place, so it is whole or absent
+        staged = output_dir / ".train_metrics.json.tmp"
+        staged.write_text(json.dumps(metrics, indent=2))
+        staged.replace(output_dir / "train_metrics.json")
         plot_training_curves(trainer.state.log_history, output_dir / "training_curves.png")
         if not config.training.keep_checkpoints:
-            for checkpoint in output_dir.glob("checkpoint-*"):
+            for checkpoint in [*output_dir.glob("checkpoint-*"), *output_dir.glob(f"{_STAGING_PREFIX}*")]:
                 shutil.rmtree(checkpoint)
     return TrainResult(peft_model, Path(config.training.output_dir), metrics)
