@@ -174,3 +174,22 @@ def test_every_input_problem_is_listed_before_the_model_loads(tmp_path, capsys):
                     "/nowhere.json: file not found", "/nowhere/train.json: file not found"):  # fmt: skip
         assert problem in error
     assert "no-such-model" not in error and not run.exists()
+
+
+def test_the_same_command_twice_prints_the_same_table(tmp_path, tiny_model_dir, capsys):
+    """Same seed, same machine, same thread count: the same adapter bit for bit and the same table, with the
+    quickstart's sources of randomness on (bf16 autocast, length-grouped batches, per-expert dropout, response-only
+    loss). A different thread count reorders bf16 reductions and may move the adapter's last bits (README)."""
+    config = tmp_path / "run.yaml"
+    tables, weights = [], []
+    for attempt in range(2):
+        run = tmp_path / f"run{attempt}"
+        write_config(config, tiny_model_dir, run)
+        settings = ["training.precision=bf16", "training.train_sampling=group_by_length", "data.train_on_inputs=false",
+                    "adapter.lora_dropout=0.1", "training.max_steps=3", "evaluation.protocols=[likelihood]",
+                    "data.cutoff_len=256"]  # fmt: skip
+        assert main(["train", str(config), *settings]) == 0
+        tables.append(capsys.readouterr().out.split("| run |", 1)[1].split("\ntotal wall")[0])
+        weights.append((run / "adapter_model.safetensors").read_bytes())
+    assert weights[0] == weights[1]
+    assert tables[0] == tables[1]

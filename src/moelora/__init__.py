@@ -22,7 +22,7 @@ from .methods import (
     TeamLoRAConfig,
     get_method,
 )
-from .models import load_adapter
+from .models import default_model_path, load_adapter
 
 __version__ = "0.1.0"
 
@@ -47,6 +47,7 @@ __all__ = [
     "MoeLoraTuner",
     "SMoRAConfig",
     "TeamLoRAConfig",
+    "default_model_path",
     "get_method",
     "load_adapter",
 ]

@@ -24,10 +24,12 @@ All run in eval mode under inference_mode; results name their protocol.
 
 from __future__ import annotations
 
+import inspect
 import json
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -130,6 +132,13 @@ def _next_token_log_probs(model, prefixes: list[list[int]], pad: int) -> torch.T
     return torch.log_softmax(logits[:, -1].float(), dim=-1)
 
 
+def _cache_keyword(model) -> str:
+    """The KV cache's name in this transformers version: `cache` since 5.2x (`past_key_values` then warns on
+    every call), `past_key_values` before; the same name is the output's field."""
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(causal_lm.forward).parameters else "past_key_values"
+
+
 def _tail_scores(model, prefix: list[int], tails: list[list[int]], pad: int) -> list[float]:
     """Candidates that differ in more than one token: the prefix runs once and its KV cache is repeated for
     the candidates, which then only run their own tokens (right padded, so each keeps its positions)."""
@@ -142,10 +151,11 @@ def _tail_scores(model, prefix: list[int], tails: list[list[int]], pad: int) -> 
     for row, tail in enumerate(tails):
         tail_ids[row, : len(tail)] = torch.tensor(tail)
         attention[row, len(prefix) : len(prefix) + len(tail)] = 1
-    cache = head.past_key_values
+    keyword = _cache_keyword(model)
+    cache = getattr(head, keyword)
     cache.batch_repeat_interleave(len(tails))
     logits = model(
-        input_ids=tail_ids.to(model.device), attention_mask=attention.to(model.device), past_key_values=cache
+        input_ids=tail_ids.to(model.device), attention_mask=attention.to(model.device), **{keyword: cache}
     ).logits
     log_probs = torch.log_softmax(logits.float(), dim=-1)
     return [
@@ -372,15 +382,32 @@ def evaluation_settings(
     return settings
 
 
+@contextmanager
+def _naming(path: Path) -> Iterator[None]:
+    """Add the file's name to an OSError raised while writing it: a full disk raises ENOSPC from write() or close(),
+    whose message ("No space left on device") names no file."""
+    try:
+        yield
+    except OSError as error:
+        if error.filename is not None:
+            raise
+        if error.errno is None:
+            raise OSError(f"{path}: {error}") from error
+        raise type(error)(error.errno, f"{error.strerror} (writing the evaluation results)", str(path)) from error
+
+
 def write_result(result: EvalResult, output_dir: Path) -> None:
     """`results_<protocol>.json` and `predictions_<protocol>_<task>.jsonl`, for the result and its variants."""
     output_dir.mkdir(parents=True, exist_ok=True)
     for each in with_variants(result):
         for task, rows in each.predictions.items():
-            with open(output_dir / f"predictions_{each.protocol}_{task}.jsonl", "w") as handle:
+            path = output_dir / f"predictions_{each.protocol}_{task}.jsonl"
+            with _naming(path), open(path, "w") as handle:
                 for row in rows:
                     handle.write(json.dumps(row) + "\n")
-        (output_dir / f"results_{each.protocol}.json").write_text(json.dumps(each.summary(), indent=2))
+        path = output_dir / f"results_{each.protocol}.json"
+        with _naming(path):
+            path.write_text(json.dumps(each.summary(), indent=2))
 
 
 def results_to_markdown(results: list[EvalResult]) -> str:
