@@ -47,9 +47,10 @@ def recording_keep_masks(monkeypatch) -> list[torch.Tensor]:
     recorded = []
     original = dropout.draw_keep_masks
 
-    def draw(shape, p, like):
-        recorded.append(original(shape, p, like))
-        return recorded[-1]
+    def draw(shape, p, like, kept=1.0):
+        mask = original(shape, p, like, kept)
+        recorded.append(mask / kept)  # the 0/1 keep mask, whatever value the caller keeps
+        return mask
 
     monkeypatch.setattr(dropout, "draw_keep_masks", draw)
     return recorded

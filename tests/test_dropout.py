@@ -3,6 +3,8 @@ default); the method tests check it against their loop forms, these check the fu
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from conftest import AUTOCAST_DEVICE
@@ -92,3 +94,18 @@ def test_autocast_runs_the_gemms_in_bf16_and_keeps_parameter_gradients_fp32():
 def test_rejects_a_probability_outside_0_1(p):
     with pytest.raises(ValueError, match="0 < p < 1"):
         expert_dropout_projection(torch.randn(2, 4), torch.randn(2, 1, 4), p)
+
+
+@pytest.mark.parametrize("p", [0.05, 0.3, 0.9])
+def test_masks_keep_with_probability_one_minus_p_independently(p):
+    """Each entry of the masks is kept with probability 1 - p (to 2^-33), independently of its neighbours: the two
+    halves of one 64-bit draw land side by side, and experts' masks are adjacent blocks of one draw."""
+    keep = draw_keep_masks((3, 333, 1001), p, torch.empty(0)).double()  # odd count: a half-used last word
+    n = keep.numel()
+    assert abs(keep.mean().item() - (1 - p)) < 5 * math.sqrt(p * (1 - p) / n)
+    flat = keep.flatten()
+    for a, b in ((flat[:-1], flat[1:]), (keep[0].flatten(), keep[1].flatten())):  # neighbours, experts
+        correlation = torch.corrcoef(torch.stack([a, b]))[0, 1].item()
+        assert abs(correlation) < 5 / math.sqrt(a.numel())
+    scaled = draw_keep_masks((4, 5), p, torch.empty(0), kept=1 / (1 - p))
+    assert all(value == 0 or value == pytest.approx(1 / (1 - p)) for value in scaled.unique().tolist())

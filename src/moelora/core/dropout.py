@@ -15,6 +15,7 @@ Under autocast the GEMMs run in the autocast dtype (as a plain bmm would), forwa
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 
 import torch
@@ -22,9 +23,18 @@ import torch
 from .layer import compute_dtype
 
 
-def draw_keep_masks(shape: tuple[int, ...], p: float, like: torch.Tensor) -> torch.Tensor:
-    """Keep-masks (1 = kept) with P(keep) = 1 - p, from the generator of `like`'s device."""
-    return torch.empty(shape, dtype=like.dtype, device=like.device).bernoulli_(1.0 - p)
+def draw_keep_masks(shape: tuple[int, ...], p: float, like: torch.Tensor, kept: float = 1.0) -> torch.Tensor:
+    """Keep-masks with P(keep) = 1 - p, from the generator of `like`'s device: `kept` where kept, 0 elsewhere.
+
+    One 64-bit draw gives two masks' entries, each an independent 32-bit integer compared with p's threshold, so
+    p is exact to 2^-33; `bernoulli_` draws a double per entry, and E masks of a [T, d_in] input took as long as
+    the frozen layer's GEMM on a CPU. Passing the dropout scale as `kept` makes the mask and the scaling one pass.
+    """
+    count = math.prod(shape)
+    words = torch.randint(-(2**63), 2**63 - 1, ((count + 1) // 2,), dtype=torch.int64, device=like.device)
+    draws = words.view(torch.int32)[:count].view(shape)
+    threshold = round(p * 2**32) - 2**31  # P(draw >= threshold) = 1 - p
+    return torch.where(draws >= threshold, torch.tensor(kept, dtype=like.dtype, device=like.device), 0.0)
 
 
 def _rng_state(device: torch.device) -> torch.Tensor:
@@ -56,24 +66,24 @@ class _ExpertDropoutProjection(torch.autograd.Function):
         ctx.p, ctx.dtype = p, dtype
         ctx.save_for_backward(x, weight)
         with torch.autocast(x.device.type, enabled=False):
-            keep = draw_keep_masks((experts, *x.shape), p, x.to(dtype))
-            dropped = x.to(dtype) * keep * (1.0 / (1.0 - p))  # [E, T, d_in], freed after the GEMM
+            scaled_keep = draw_keep_masks((experts, *x.shape), p, x.to(dtype), kept=1.0 / (1.0 - p))
+            dropped = x.to(dtype) * scaled_keep  # [E, T, d_in], freed after the GEMM
             return torch.bmm(dropped, weight.to(dtype).transpose(1, 2)).transpose(0, 1)  # [T, E, r]
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, weight = ctx.saved_tensors
-        experts, scale = weight.shape[0], 1.0 / (1.0 - ctx.p)
+        experts = weight.shape[0]
         with torch.autocast(x.device.type, enabled=False):
             x_c = x.to(ctx.dtype)
             with _replayed_rng(x.device, ctx.rng_state):
-                keep = draw_keep_masks((experts, *x.shape), ctx.p, x_c)
+                scaled_keep = draw_keep_masks((experts, *x.shape), ctx.p, x_c, kept=1.0 / (1.0 - ctx.p))
             grad = grad.transpose(0, 1).to(ctx.dtype)  # [E, T, r]
             grad_x = grad_weight = None
             if ctx.needs_input_grad[0]:
-                grad_x = ((torch.bmm(grad, weight.to(ctx.dtype)) * keep).sum(0) * scale).to(x.dtype)
+                grad_x = (torch.bmm(grad, weight.to(ctx.dtype)) * scaled_keep).sum(0).to(x.dtype)
             if ctx.needs_input_grad[1]:
-                grad_weight = torch.bmm(grad.transpose(1, 2), x_c * keep * scale).to(weight.dtype)
+                grad_weight = torch.bmm(grad.transpose(1, 2), x_c * scaled_keep).to(weight.dtype)
         return grad_x, grad_weight, None
 
 
