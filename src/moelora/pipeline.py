@@ -7,6 +7,7 @@ file is checked in one pass before a model loads, so a typo costs a second, not 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -63,7 +64,7 @@ def input_problems(config: RunConfig) -> list[str]:
             problems.append(f"evaluation.test_files.{task}: {path}: file not found")
         else:
             try:
-                check_test_file(path, task, config.evaluation.protocols)
+                _checked_test_file(*_file_key(path), task, tuple(config.evaluation.protocols))
             except (ValueError, OSError) as error:
                 problems.append(f"evaluation.test_files.{task}: {_file_error(path, error)}")
     output_problem = folder_problem(config.training.output_dir, "training.output_dir")
@@ -113,11 +114,12 @@ def _train_file_problems(config: RunConfig, sources: list[TrainSource]) -> list[
             counted_all = False
             continue
         try:
-            count = check_train_file(
-                source,
-                template=config.data.template,
-                target=config.data.target,
-                shuffled_label_control=config.data.shuffled_label_control,
+            count = _checked_train_file(
+                *_file_key(source.path),
+                source.task,
+                config.data.template,
+                config.data.target,
+                config.data.shuffled_label_control,
             )
         except (ValueError, OSError) as error:
             problems.append(f"data.train_files: {_file_error(source.path, error)}")
@@ -133,6 +135,28 @@ def _train_file_problems(config: RunConfig, sources: list[TrainSource]) -> list[
             "after data.max_records_per_task)"
         )
     return problems
+
+
+def _file_key(path: str | Path) -> tuple[str, int, int]:
+    """A file as its path, size and modification time: a cache key that a rewritten file changes."""
+    stat = os.stat(path)
+    return str(path), stat.st_size, stat.st_mtime_ns
+
+
+# An experiment checks every run's config, and its runs mostly share their files: each file (with the settings
+# that change what is checked) is read once per process. lru_cache keeps results only, so a file with a problem
+# is read again each time and reported for each run that has it.
+@functools.lru_cache(maxsize=256)
+def _checked_train_file(
+    path: str, size: int, mtime_ns: int, task: str | None, template: str, target: str, shuffled: bool
+) -> int:
+    source = TrainSource(path=path, task=task)
+    return check_train_file(source, template=template, target=target, shuffled_label_control=shuffled)
+
+
+@functools.lru_cache(maxsize=256)
+def _checked_test_file(path: str, size: int, mtime_ns: int, task: str, protocols: tuple[str, ...]) -> None:
+    check_test_file(path, task, protocols)
 
 
 def folder_problem(folder: str | Path, where: str) -> str | None:
