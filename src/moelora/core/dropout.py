@@ -34,7 +34,9 @@ def draw_keep_masks(shape: tuple[int, ...], p: float, like: torch.Tensor, kept: 
     words = torch.randint(-(2**63), 2**63 - 1, ((count + 1) // 2,), dtype=torch.int64, device=like.device)
     draws = words.view(torch.int32)[:count].view(shape)
     threshold = round(p * 2**32) - 2**31  # P(draw >= threshold) = 1 - p
-    return torch.where(draws >= threshold, torch.tensor(kept, dtype=like.dtype, device=like.device), 0.0)
+    # torch.full, not torch.tensor: on a GPU a tensor built from a Python number is a host-to-device copy
+    kept_value = torch.full((), kept, dtype=like.dtype, device=like.device)
+    return torch.where(draws >= threshold, kept_value, 0.0)
 
 
 def _rng_state(device: torch.device) -> torch.Tensor:
