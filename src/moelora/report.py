@@ -74,8 +74,6 @@ def open_run(path: str | Path, label: str | None = None) -> Run:
     from .training import RUN_CONFIG_NAME
 
     path = Path(path)
-    if not (path / "adapter_config.json").is_file():
-        raise ValueError(f"{path} holds no adapter_config.json: not a moelora run or adapter folder")
     check_adapter_folder(path)  # before any model loads: PEFT's loader would fail late, or unpickle a .bin
     run_config = load_config(path / RUN_CONFIG_NAME) if (path / RUN_CONFIG_NAME).is_file() else None
     method = method_name_of(PeftConfig.from_pretrained(str(path)))
