@@ -18,14 +18,8 @@ from safetensors.torch import save_file
 from test_training import FailAt, load, make_config
 from transformers import Trainer
 
-from moelora.training import (
-    PROGRESS_NAME,
-    CheckpointSaveError,
-    TrainingFinished,
-    checkpoint_problem,
-    last_complete_checkpoint,
-    train,
-)
+from moelora.checkpoints import PROGRESS_NAME, CheckpointSaveError, checkpoint_problem, last_complete_checkpoint
+from moelora.training import TrainingFinished, train
 
 #: No evaluation, so each run is a few fast optimizer steps.
 FAST = {"eval_steps": 100, "load_best_model_at_end": False}

@@ -197,7 +197,8 @@ def _comparable(config: RunConfig) -> dict[str, Any]:
 def run_state(run: PlannedRun) -> str:
     """'done', 'evaluate' (trained), 'resume' (has a checkpoint), 'new' or 'restart' (interrupted before its
     first checkpoint); raises when the folder holds something else."""
-    from .training import RUN_CONFIG_NAME, last_complete_checkpoint
+    from .checkpoints import last_complete_checkpoint
+    from .training import RUN_CONFIG_NAME
 
     folder = run.folder
     if not folder.exists() or not any(folder.iterdir()):
