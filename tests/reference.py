@@ -41,18 +41,27 @@ def lora_reference(x, A, B, scaling):
 
 
 def recording_keep_masks(monkeypatch) -> list[torch.Tensor]:
-    """Record the per-expert keep masks `core.dropout` draws (forward and, redrawn, backward)."""
+    """Record the per-expert 0/1 keep masks `core.dropout` draws, from either form: the dense form's masks (drawn
+    in forward and redrawn in backward) and the sparse form's dropped positions (drawn once, in forward)."""
     from moelora.core import dropout
 
     recorded = []
-    original = dropout.draw_keep_masks
+    draw_masks, draw_positions = dropout.draw_keep_masks, dropout.draw_dropped_positions
 
-    def draw(shape, p, like, kept=1.0):
-        mask = original(shape, p, like, kept)
+    def masks(shape, p, like, kept=1.0):
+        mask = draw_masks(shape, p, like, kept)
         recorded.append(mask / kept)  # the 0/1 keep mask, whatever value the caller keeps
         return mask
 
-    monkeypatch.setattr(dropout, "draw_keep_masks", draw)
+    def positions(shape, p, device):
+        dropped = draw_positions(shape, p, device)
+        keep = torch.ones(shape, device=device)
+        keep.view(-1)[dropped.long()] = 0.0
+        recorded.append(keep)
+        return dropped
+
+    monkeypatch.setattr(dropout, "draw_keep_masks", masks)
+    monkeypatch.setattr(dropout, "draw_dropped_positions", positions)
     return recorded
 
 
@@ -67,7 +76,8 @@ def check_independent_masks_against_loop(layer, x, loop, params, p, monkeypatch,
     keep = masks[0]
     assert not torch.equal(keep[0], keep[1]), "masks must be independent across experts"
     got.double().pow(2).sum().backward()
-    assert len(masks) == 2 and torch.equal(masks[0], masks[1]), "backward must redraw the forward's masks"
+    # the dense form redraws its masks in backward, the sparse form keeps its positions: either way the same
+    assert len(masks) in (1, 2) and torch.equal(masks[0], masks[-1]), "backward must use the forward's masks"
 
     x_ref = x.detach().clone().requires_grad_()
     ref_params = [t.detach().clone().requires_grad_() for t in params]

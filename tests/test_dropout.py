@@ -1,16 +1,22 @@
-"""core/dropout.py: per-expert dropout masks redrawn in backward instead of kept (the D2MoRA, MoLoRA, HydraLoRA
-default); the method tests check it against their loop forms, these check the function itself."""
+"""core/dropout.py: per-expert dropout masks without keeping E dropped copies of x for backward (the D2MoRA,
+MoLoRA, HydraLoRA default), in both forms; the method tests check it against their loop forms, these check the
+function itself."""
 
 from __future__ import annotations
 
 import math
+import types
 
 import pytest
 import torch
 from conftest import AUTOCAST_DEVICE
+from reference import recording_keep_masks
 from torch.utils.checkpoint import checkpoint
 
-from moelora.core.dropout import draw_keep_masks, expert_dropout_projection
+from moelora.core import dropout
+from moelora.core.dropout import draw_dropped_positions, draw_keep_masks, expert_dropout_projection
+
+FORMS = ["sparse", "dense"]
 
 
 def plain_form(x, weight, keep, p):
@@ -22,72 +28,114 @@ def leaves(*tensors):
     return [t.detach().clone().requires_grad_() for t in tensors]
 
 
-def test_same_values_gradients_and_random_stream_as_the_plain_form():
-    x, weight = torch.randn(6, 16), torch.randn(3, 4, 16)
-    upstream = torch.randn(6, 3, 4)
-    fx, fw = leaves(x, weight)
-    torch.manual_seed(7)
-    fused = expert_dropout_projection(fx, fw, 0.3)
-    fused.backward(upstream)
-    next_fused = torch.rand(3)
+def keep_mask_of(positions, shape):
+    keep = torch.ones(math.prod(shape), dtype=torch.float64)
+    keep[positions.long()] = 0.0
+    return keep.view(shape)
 
-    torch.manual_seed(7)
-    keep = draw_keep_masks((3, 6, 16), 0.3, x)
-    next_plain = torch.rand(3)
+
+@pytest.mark.parametrize("form", FORMS)
+def test_same_values_and_gradients_as_the_plain_form_on_the_masks_drawn(form, monkeypatch):
+    x, weight = torch.randn(40, 16), torch.randn(3, 4, 16)
+    upstream = torch.randn(40, 3, 4)
+    masks = recording_keep_masks(monkeypatch)
+    fx, fw = leaves(x, weight)
+    fused = expert_dropout_projection(fx, fw, 0.3, form=form)
+    fused.backward(upstream)
+    keep = masks[0]
+    assert torch.equal(keep, masks[-1]) and 0.5 < keep.mean() < 0.9 and not torch.equal(keep[0], keep[1])
+
     px, pw = leaves(x, weight)
     plain = plain_form(px, pw, keep, 0.3)
     plain.backward(upstream)
-
     torch.testing.assert_close(fused, plain)
     torch.testing.assert_close(fx.grad, px.grad)
     torch.testing.assert_close(fw.grad, pw.grad)
-    # the forward draws what F.dropout would (one mask draw), the backward replays without advancing the stream
-    assert torch.equal(next_fused, next_plain)
-    assert 0.55 < keep.mean() < 0.85 and not torch.equal(keep[0], keep[1])
 
 
-def test_saves_no_dropped_copy_of_x():
+@pytest.mark.parametrize("form", FORMS)
+def test_draws_once_per_forward_and_the_backward_leaves_the_random_stream_alone(form):
+    x, weight = leaves(torch.randn(6, 16), torch.randn(3, 4, 16))
+    torch.manual_seed(7)
+    out = expert_dropout_projection(x, weight, 0.3, form=form)
+    after_forward = torch.get_rng_state()
+    out.sum().backward()
+    assert torch.equal(torch.get_rng_state(), after_forward)
+
+    torch.manual_seed(7)
+    if form == "dense":
+        draw_keep_masks((3, 6, 16), 0.3, x)
+    else:
+        draw_dropped_positions((3, 6, 16), 0.3, x.device)
+    assert torch.equal(torch.get_rng_state(), after_forward)  # one draw, what the forward took
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_saves_no_dropped_copy_of_x(form):
     x, weight = leaves(torch.randn(64, 32), torch.randn(3, 4, 32))
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
-        expert_dropout_projection(x, weight, 0.1)
-    assert (3, 64, 32) not in saved and sorted(saved) == sorted([x.shape, weight.shape])
+        expert_dropout_projection(x, weight, 0.1, form=form)
+    assert (3, 64, 32) not in saved
+    extra = sorted(saved, key=str)
+    for shape in (x.shape, weight.shape):
+        extra.remove(shape)
+    # the sparse form keeps the positions of the ~10 % dropped entries, the dense form only the RNG state
+    assert (
+        extra == [] if form == "dense" else (len(extra) == 1 and len(extra[0]) == 1 and extra[0][0] < 3 * 64 * 32 / 5)
+    )
     plain_saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: plain_saved.append(t.shape) or t, lambda t: t):
         plain_form(x, weight, draw_keep_masks((3, 64, 32), 0.1, x), 0.1)
     assert (3, 64, 32) in plain_saved  # what the function avoids
 
 
-def test_gradient_checkpointing_recomputes_the_same_masks():
+@pytest.mark.parametrize("form", FORMS)
+def test_gradient_checkpointing_recomputes_the_same_masks(form):
     x, weight = torch.randn(5, 8), torch.randn(2, 3, 8)
     grads = []
     for use_checkpoint in (False, True):
         lx, lw = leaves(x, weight)
         torch.manual_seed(3)
         if use_checkpoint:
-            out = checkpoint(expert_dropout_projection, lx, lw, 0.5, use_reentrant=False)
+            out = checkpoint(expert_dropout_projection, lx, lw, 0.5, form, use_reentrant=False)
         else:
-            out = expert_dropout_projection(lx, lw, 0.5)
+            out = expert_dropout_projection(lx, lw, 0.5, form=form)
         out.pow(2).sum().backward()
         grads.append((lx.grad, lw.grad))
     torch.testing.assert_close(grads[0], grads[1])
 
 
-def test_autocast_runs_the_gemms_in_bf16_and_keeps_parameter_gradients_fp32():
+@pytest.mark.parametrize("form", FORMS)
+def test_autocast_runs_the_gemms_in_bf16_and_keeps_parameter_gradients_fp32(form):
     x, weight = leaves(torch.randn(6, 16), torch.randn(3, 4, 16))
     torch.manual_seed(1)
     with torch.autocast(AUTOCAST_DEVICE, dtype=torch.bfloat16):
-        out = expert_dropout_projection(x, weight, 0.2)
+        out = expert_dropout_projection(x, weight, 0.2, form=form)
     assert out.dtype == torch.bfloat16
     out.float().sum().backward()
     assert weight.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
 
     rx, rw = leaves(x, weight)
     torch.manual_seed(1)
-    reference = expert_dropout_projection(rx, rw, 0.2)
+    reference = expert_dropout_projection(rx, rw, 0.2, form=form)
     reference.sum().backward()
     torch.testing.assert_close(out.float(), reference, atol=0.1, rtol=0.05)
     torch.testing.assert_close(weight.grad, rw.grad, atol=0.2, rtol=0.05)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_a_shared_weight_passed_expanded_gets_the_summed_gradient(form, monkeypatch):
+    """HydraLoRA passes its one A as A.expand(E, r, d_in)."""
+    x, A = torch.randn(30, 12), torch.randn(4, 12)
+    masks = recording_keep_masks(monkeypatch)
+    fx, fA = leaves(x, A)
+    expert_dropout_projection(fx, fA.expand(3, 4, 12), 0.25, form=form).pow(2).sum().backward()
+    px, pA = leaves(x, A)
+    plain_form(px, pA.expand(3, 4, 12), masks[0], 0.25).pow(2).sum().backward()
+    # the sparse form subtracts the dropped terms from the whole product: fp32 rounding of a different sum
+    torch.testing.assert_close(fA.grad, pA.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(fx.grad, px.grad, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("p", [0.0, 1.0, -0.1])
@@ -96,16 +144,52 @@ def test_rejects_a_probability_outside_0_1(p):
         expert_dropout_projection(torch.randn(2, 4), torch.randn(2, 1, 4), p)
 
 
-@pytest.mark.parametrize("p", [0.05, 0.3, 0.9])
-def test_masks_keep_with_probability_one_minus_p_independently(p):
-    """Each entry of the masks is kept with probability 1 - p (to 2^-33), independently of its neighbours: the two
-    halves of one 64-bit draw land side by side, and experts' masks are adjacent blocks of one draw."""
-    keep = draw_keep_masks((3, 333, 1001), p, torch.empty(0)).double()  # odd count: a half-used last word
+def test_rejects_an_unknown_form():
+    with pytest.raises(ValueError, match="'sparse' or 'dense'"):
+        expert_dropout_projection(torch.randn(2, 4), torch.randn(2, 1, 4), 0.1, form="fused")
+
+
+def check_independent_with_rate(keep: torch.Tensor, p: float) -> None:
+    """Each entry kept with probability 1 - p, independently of its neighbour and of the other experts' entries."""
     n = keep.numel()
     assert abs(keep.mean().item() - (1 - p)) < 5 * math.sqrt(p * (1 - p) / n)
     flat = keep.flatten()
     for a, b in ((flat[:-1], flat[1:]), (keep[0].flatten(), keep[1].flatten())):  # neighbours, experts
         correlation = torch.corrcoef(torch.stack([a, b]))[0, 1].item()
         assert abs(correlation) < 5 / math.sqrt(a.numel())
+
+
+@pytest.mark.parametrize("p", [0.05, 0.3, 0.9])
+def test_dense_masks_keep_with_probability_one_minus_p_independently(p):
+    """p exact to 2^-33: the two halves of one 64-bit draw land side by side, experts' masks are adjacent blocks."""
+    check_independent_with_rate(draw_keep_masks((3, 333, 1001), p, torch.empty(0)).double(), p)  # odd count
     scaled = draw_keep_masks((4, 5), p, torch.empty(0), kept=1 / (1 - p))
     assert all(value == 0 or value == pytest.approx(1 / (1 - p)) for value in scaled.unique().tolist())
+
+
+@pytest.mark.parametrize("p", [0.001, 0.05, 0.3, 0.9])
+def test_sparse_positions_drop_each_entry_with_probability_p_independently(p):
+    shape = (3, 333, 1001)
+    positions = draw_dropped_positions(shape, p, torch.device("cpu"))
+    assert positions.dtype == torch.int32 and bool((positions[1:] > positions[:-1]).all())  # sorted, distinct
+    assert positions.min() >= 0 and positions.max() < math.prod(shape)
+    check_independent_with_rate(keep_mask_of(positions, shape), p)
+
+
+@pytest.mark.parametrize("p", [0.05, 0.3])
+def test_sparse_positions_top_up_when_the_first_batch_of_gaps_falls_short(p, monkeypatch):
+    """Batches of three gaps force a top-up at almost every step: the positions still cover the whole mask with
+    the right rate and independence (a missing top-up would leave the end of the mask undropped)."""
+    monkeypatch.setattr(
+        dropout, "math", types.SimpleNamespace(prod=math.prod, sqrt=math.sqrt, log1p=math.log1p, ceil=lambda v: 3)
+    )
+    shape = (3, 100, 100)
+    positions = draw_dropped_positions(shape, p, torch.device("cpu"))
+    assert bool((positions[1:] > positions[:-1]).all()) and positions.max() < math.prod(shape)
+    keep = keep_mask_of(positions, shape)
+    check_independent_with_rate(keep, p)
+    assert abs(keep[2, 50:].mean().item() - (1 - p)) < 5 * math.sqrt(p * (1 - p) / 5000)  # the end, too
+
+
+def test_sparse_positions_of_an_empty_mask():
+    assert draw_dropped_positions((3, 0, 8), 0.1, torch.device("cpu")).numel() == 0
