@@ -14,7 +14,12 @@ from reference import recording_keep_masks
 from torch.utils.checkpoint import checkpoint
 
 from moelora.core import dropout
-from moelora.core.dropout import draw_dropped_positions, draw_keep_masks, expert_dropout_projection
+from moelora.core.dropout import (
+    draw_dropped_positions,
+    draw_keep_masks,
+    expert_dropout_projection,
+    routed_expert_dropout_projection,
+)
 
 FORMS = ["sparse", "dense"]
 
@@ -53,6 +58,31 @@ def test_same_values_and_gradients_as_the_plain_form_on_the_masks_drawn(form, mo
     torch.testing.assert_close(fw.grad, pw.grad)
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("form", FORMS)
+def test_a_router_on_the_undropped_x_shares_the_pass_over_x(form, autocast, monkeypatch):
+    """routed_expert_dropout_projection: the projections as without a router, the router's logits x Gᵀ in fp32
+    (autocast or not), and the gradients of x, the experts and the router all as the plain form's."""
+    x, weight, router = torch.randn(40, 16), torch.randn(3, 4, 16), torch.randn(5, 16)
+    upstream, upstream_logits = torch.randn(40, 3, 4), torch.randn(40, 5)
+    masks = recording_keep_masks(monkeypatch)
+    fx, fw, fr = leaves(x, weight, router)
+    with torch.autocast(AUTOCAST_DEVICE, dtype=torch.bfloat16, enabled=autocast):
+        projections, logits = routed_expert_dropout_projection(fx, fw, fr, 0.3, form=form)
+    assert logits.dtype == torch.float32 and len(masks) == 1
+    (projections.float() * upstream).sum().add((logits * upstream_logits).sum()).backward()
+
+    px, pw, pr = leaves(x, weight, router)
+    plain = plain_form(px, pw, masks[0], 0.3)
+    plain_logits = px @ pr.T
+    (plain * upstream).sum().add((plain_logits * upstream_logits).sum()).backward()
+    tolerance = {"atol": 0.15, "rtol": 0.05} if autocast and form == "dense" else {"atol": 1e-4, "rtol": 1e-4}
+    torch.testing.assert_close(projections.float(), plain, **tolerance)
+    torch.testing.assert_close(logits, plain_logits, atol=1e-4, rtol=1e-4)
+    for got, expected in ((fx, px), (fw, pw), (fr, pr)):
+        torch.testing.assert_close(got.grad, expected.grad, **tolerance)
+
+
 @pytest.mark.parametrize("form", FORMS)
 def test_draws_once_per_forward_and_the_backward_leaves_the_random_stream_alone(form):
     x, weight = leaves(torch.randn(6, 16), torch.randn(3, 4, 16))
@@ -77,13 +107,14 @@ def test_saves_no_dropped_copy_of_x(form):
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
         expert_dropout_projection(x, weight, 0.1, form=form)
     assert (3, 64, 32) not in saved
-    extra = sorted(saved, key=str)
+    extra = sorted((shape for shape in saved if 0 not in shape), key=str)  # leaves out the sparse form's empty router
     for shape in (x.shape, weight.shape):
         extra.remove(shape)
-    # the sparse form keeps the positions of the ~10 % dropped entries, the dense form only the RNG state
-    assert (
-        extra == [] if form == "dense" else (len(extra) == 1 and len(extra[0]) == 1 and extra[0][0] < 3 * 64 * 32 / 5)
-    )
+    # the sparse form keeps three indices per dropped entry (~10 %), the dense form only the RNG state
+    if form == "dense":
+        assert extra == []
+    else:
+        assert len(extra) == 3 and len(set(extra)) == 1 and len(extra[0]) == 1 and extra[0][0] < 3 * 64 * 32 / 5
     plain_saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: plain_saved.append(t.shape) or t, lambda t: t):
         plain_form(x, weight, draw_keep_masks((3, 64, 32), 0.1, x), 0.1)

@@ -15,13 +15,15 @@ and the weights, and has two forms of the same function:
   process (geometric, so each entry is dropped independently with probability p, exactly), and the dropout is a
   correction to the undropped projection: y = (A x - A_dropped(x)) / (1 - p), where the correction is a sparse
   matrix product over the dropped entries; backward corrects the dense gradients the same way. Work on the masks
-  falls from E·T·d_in to p·E·T·d_in. The dropped positions (int32 where they fit) are saved for backward.
+  falls from E·T·d_in to p·E·T·d_in. Three int32 indices per dropped entry are saved for backward (for D2MoRA's
+  M = 3 at p = 0.05 about 0.45 bytes per entry of x, against the 4 of x itself).
 - **dense** (the default on accelerators): E keep-masks from 32-bit integer draws, redrawn in backward from the
   saved RNG state. Its sizes are fixed, so it never waits for the device; the sparse form's position count is
   only known once drawn, which would stall a GPU's queue at every module.
 
 Under autocast the GEMMs run in the autocast dtype (as a plain bmm would), forward and backward alike; the sparse
-corrections are computed in fp32.
+corrections are computed in fp32. `routed_expert_dropout_projection` adds the logits of a router that sees x
+undropped, which the sparse form computes in the same (then fp32) GEMM as the projections.
 """
 
 from __future__ import annotations
@@ -129,15 +131,27 @@ class _DenseExpertDropoutProjection(torch.autograd.Function):
 class _DroppedEntries:
     """Where the dropped entries of the [E, T, d_in] masks fall: `row` = e·T + t (sorted; a row of the sparse
     matrix and of the output gradient as [E·T, r]), `column` = e·d_in + k (a column of the sparse matrix, a row of
-    the experts stacked as [E·d_in, r]) and `x_index` = t·d_in + k (flat x)."""
+    the experts stacked as [E·d_in, r]) and `x_index` = t·d_in + k (flat x). int64: index_add_ takes a path
+    several times slower with int32 indices on a CPU."""
 
-    def __init__(self, positions: torch.Tensor, experts: int, tokens: int, features: int) -> None:
-        positions = positions.long()  # index_add_ takes a path several times slower with int32 indices on a CPU
-        self.row = torch.div(positions, features, rounding_mode="floor")
+    def __init__(self, row: torch.Tensor, column: torch.Tensor, x_index: torch.Tensor, shape: tuple[int, ...]):
+        self.row, self.column, self.x_index, self.shape = row.long(), column.long(), x_index.long(), shape
+
+    @classmethod
+    def at(cls, positions: torch.Tensor, shape: tuple[int, int, int]) -> _DroppedEntries:
+        """From the flat positions in the [E, T, d_in] masks."""
+        experts, tokens, features = shape
+        positions = positions.long()
+        row = torch.div(positions, features, rounding_mode="floor")
         expert = torch.div(positions, tokens * features, rounding_mode="floor")
-        self.x_index = positions - expert * (tokens * features)
-        self.column = expert * features + (positions - self.row * features)
-        self.shape = (experts, tokens, features)
+        x_index = positions - expert * (tokens * features)
+        return cls(row, expert * features + (positions - row * features), x_index, shape)
+
+    def for_backward(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The indices to save for backward, int32 where they fit (12 bytes per dropped entry): they spare
+        backward the index arithmetic."""
+        fits = math.prod(self.shape) < 2**31
+        return tuple(index.int() if fits else index for index in (self.row, self.column, self.x_index))
 
     def matrix(self, values: torch.Tensor) -> torch.Tensor:
         """The [E·T, E·d_in] sparse matrix with `values` at the dropped entries (block e holds expert e's), so
@@ -162,45 +176,65 @@ def _stacked(weight: torch.Tensor) -> torch.Tensor:
 
 
 class _SparseExpertDropoutProjection(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, p: float) -> torch.Tensor:
-        (experts, rank, features), tokens = weight.shape, x.shape[0]
-        dtype = compute_dtype(x, x.dtype)
-        positions = draw_dropped_positions((experts, tokens, features), p, x.device)
-        ctx.p, ctx.dtype = p, dtype
-        ctx.save_for_backward(x, weight, positions)
-        dropped = _DroppedEntries(positions, experts, tokens, features)
-        with torch.autocast(x.device.type, enabled=False):
-            whole = x.to(dtype) @ weight.to(dtype).reshape(experts * rank, features).T  # [T, E·r], nothing dropped
-            lost = dropped.matrix(x.float().reshape(-1).index_select(0, dropped.x_index)) @ _stacked(weight)
-            kept = whole.float().view(tokens, experts, rank) - lost.view(experts, tokens, rank).transpose(0, 1)
-            return (kept * (1.0 / (1.0 - p))).to(dtype)  # [T, E, r]
+    """The sparse form; `router` ([m, d_in], m = 0 for none) projects the undropped x in the same GEMM."""
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        x, weight, positions = ctx.saved_tensors
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, router: torch.Tensor, p: float):
         (experts, rank, features), tokens = weight.shape, x.shape[0]
-        dropped = _DroppedEntries(positions, experts, tokens, features)
-        grad_x = grad_weight = None
+        # a router's logits are fp32 under autocast too, so a GEMM shared with one runs in fp32
+        dtype = torch.float32 if len(router) else compute_dtype(x, x.dtype)
+        shape = (experts, tokens, features)
+        dropped = _DroppedEntries.at(draw_dropped_positions(shape, p, x.device), shape)
+        ctx.p, ctx.dtype = p, dtype
+        ctx.save_for_backward(x, weight, router, *dropped.for_backward())
+        with torch.autocast(x.device.type, enabled=False):
+            rows = torch.cat([weight.to(dtype).reshape(experts * rank, features), router.to(dtype)])
+            whole = x.to(dtype) @ rows.T  # [T, E·r + m], nothing dropped
+            lost = dropped.matrix(x.float().reshape(-1).index_select(0, dropped.x_index)) @ _stacked(weight)
+            kept = whole[:, : experts * rank].float().view(tokens, experts, rank)
+            kept = kept - lost.view(experts, tokens, rank).transpose(0, 1)
+            return (kept * (1.0 / (1.0 - p))).to(dtype), whole[:, experts * rank :].float()  # [T, E, r], [T, m]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor, grad_logits: torch.Tensor):
+        x, weight, router, *indices = ctx.saved_tensors
+        (experts, rank, features), tokens = weight.shape, x.shape[0]
+        dropped = _DroppedEntries(*indices, (experts, tokens, features))
+        grad_x = grad_weight = grad_router = None
         with torch.autocast(x.device.type, enabled=False):
             grad = grad.to(ctx.dtype) * (1.0 / (1.0 - ctx.p))  # [T, E, r]
+            grad_whole = torch.cat([grad.reshape(tokens, experts * rank), grad_logits.to(ctx.dtype)], dim=1)
             grad_by_rank = grad.float().permute(2, 1, 0).reshape(rank, experts * tokens)  # columns e·T + t
             x_values = x.float().reshape(-1).index_select(0, dropped.x_index)
             if ctx.needs_input_grad[0]:
-                whole = (grad.reshape(tokens, experts * rank) @ weight.to(ctx.dtype).reshape(-1, features)).float()
+                rows = torch.cat([weight.to(ctx.dtype).reshape(experts * rank, features), router.to(ctx.dtype)])
+                whole = (grad_whole @ rows).float()  # [T, d_in]
                 # the whole gradient's terms at the dropped entries: one sampled product, in the matrix's order
                 pattern = dropped.matrix(x_values)
                 lost = torch.sparse.sampled_addmm(pattern, grad_by_rank.T, _stacked(weight).T, beta=0.0).values()
                 # a negated source, not alpha=-1: index_add_ with an alpha takes a slow path on a CPU
                 grad_x = whole.view(-1).index_add_(0, dropped.x_index, lost.neg()).view_as(x).to(x.dtype)
-            if ctx.needs_input_grad[1]:
-                whole = (grad.reshape(tokens, experts * rank).T @ x.to(ctx.dtype)).float()  # [E·r, d_in]
-                by_rank = whole.view(experts, rank, features).transpose(0, 1).reshape(rank, experts * features)
+            if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+                whole = (grad_whole.T @ x.to(ctx.dtype)).float()  # [E·r + m, d_in]
+                grad_router = whole[experts * rank :].to(router.dtype)
+                by_rank = whole[: experts * rank].view(experts, rank, features).transpose(0, 1)
+                by_rank = by_rank.reshape(rank, experts * features)
                 lost = grad_by_rank.index_select(1, dropped.row) * x_values.neg()  # [r, K]
                 # along dim 1 of [r, E·d_in]: 2-3x faster on a CPU than rows of [E·d_in, r]
                 by_rank.index_add_(1, dropped.column, lost)
                 grad_weight = by_rank.view(rank, experts, features).transpose(0, 1).to(weight.dtype)
-        return grad_x, grad_weight, None
+        return grad_x, grad_weight, grad_router, None
+
+
+def _check(p: float, form: str) -> None:
+    if not 0.0 < p < 1.0:
+        raise ValueError(f"expert_dropout_projection needs 0 < p < 1, got {p!r}")
+    if form not in ("auto", "sparse", "dense"):
+        raise ValueError(f"expert_dropout_projection: form must be 'auto', 'sparse' or 'dense', got {form!r}")
+
+
+def _is_sparse(form: DropoutForm, x: torch.Tensor) -> bool:
+    return form == "sparse" or (form == "auto" and x.device.type == "cpu")
 
 
 def expert_dropout_projection(
@@ -211,9 +245,21 @@ def expert_dropout_projection(
     `form` "auto" takes the sparse form on a CPU and the dense one elsewhere (module docstring); both compute the
     same function with masks of the same distribution. A weight shared by all experts (HydraLoRA's single A) can
     be passed as `A.expand(E, r, d_in)`."""
-    if not 0.0 < p < 1.0:
-        raise ValueError(f"expert_dropout_projection needs 0 < p < 1, got {p!r}")
-    if form not in ("auto", "sparse", "dense"):
-        raise ValueError(f"expert_dropout_projection: form must be 'auto', 'sparse' or 'dense', got {form!r}")
-    sparse = form == "sparse" or (form == "auto" and x.device.type == "cpu")
-    return (_SparseExpertDropoutProjection if sparse else _DenseExpertDropoutProjection).apply(x, weight, p)
+    _check(p, form)
+    if _is_sparse(form, x):
+        return _SparseExpertDropoutProjection.apply(x, weight, weight.new_zeros(0, x.shape[-1]), p)[0]
+    return _DenseExpertDropoutProjection.apply(x, weight, p)
+
+
+def routed_expert_dropout_projection(
+    x: torch.Tensor, weight: torch.Tensor, router: torch.Tensor, p: float, form: DropoutForm = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`expert_dropout_projection` and the logits x routerᵀ ([m, d_in] router, [T, m] fp32 logits, autocast or
+    not) of a router that sees x undropped. The sparse form projects x once for both, in one fp32 GEMM (its
+    projections come out fp32): one pass over x forward and two backward instead of two and four plus a sum."""
+    _check(p, form)
+    if _is_sparse(form, x):
+        return _SparseExpertDropoutProjection.apply(x, weight, router, p)
+    with torch.autocast(x.device.type, enabled=False):
+        logits = torch.nn.functional.linear(x.float(), router.float())
+    return _DenseExpertDropoutProjection.apply(x, weight, p), logits

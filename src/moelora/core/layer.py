@@ -215,7 +215,12 @@ class MoeLoraLayer(AdapterStateLayer):
         """softmax(x W^T) over the experts, in fp32 with autocast off whatever the input dtype; recorded as the
         router statistics `key` when recording is on."""
         with torch.autocast(x.device.type, enabled=False):
-            probs = torch.softmax(torch.nn.functional.linear(x.float(), weight.float()), dim=-1)
+            return self.router_probabilities(torch.nn.functional.linear(x.float(), weight.float()), key)
+
+    def router_probabilities(self, logits: torch.Tensor, key: str) -> torch.Tensor:
+        """`softmax_router` for logits computed elsewhere (in a GEMM shared with the experts), fp32."""
+        with torch.autocast(logits.device.type, enabled=False):
+            probs = torch.softmax(logits.float(), dim=-1)
         self.routing.record(key, probs)
         return probs
 

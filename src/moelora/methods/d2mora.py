@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.config import MoeLoraConfig, check_positive
-from ..core.dropout import expert_dropout_projection
+from ..core.dropout import routed_expert_dropout_projection
 from ..core.layer import MoeLoraLayer
 from ..core.losses import pairwise_abs_cosine
 from ..core.tuner import MoeLoraTuner
@@ -83,11 +83,14 @@ class D2MoRALinear(MoeLoraLayer):
         A, B = self.d2mora_A[adapter_name], self.d2mora_B[adapter_name]  # [M, r, d_in], [N, d_out, r]
         (m, r, d_in), n, tokens = A.shape, B.shape[0], x.shape[0]
 
-        p = self.softmax_router(x, self.d2mora_router_A[adapter_name], f"{adapter_name}/router_A")  # [T, M]
+        router_A, router_key = self.d2mora_router_A[adapter_name], f"{adapter_name}/router_A"
 
         if self.training and config.lora_dropout > 0 and not config.shared_dropout_mask:
-            projections = expert_dropout_projection(x, A, config.lora_dropout)  # [T, M, r], a mask per expert
+            # [T, M, r] with a mask per expert, and the router's logits from the same pass over x
+            projections, logits = routed_expert_dropout_projection(x, A, router_A, config.lora_dropout)
+            p = self.router_probabilities(logits, router_key)  # [T, M]
         else:
+            p = self.softmax_router(x, router_A, router_key)
             dropped = F.dropout(x, config.lora_dropout, self.training)
             projections = F.linear(dropped, A.reshape(m * r, d_in)).view(tokens, m, r)
         z = (p.unsqueeze(-1) * projections.float()).sum(1)  # [T, r], fp32

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.config import MoeLoraConfig, check_positive
-from ..core.dropout import expert_dropout_projection
+from ..core.dropout import routed_expert_dropout_projection
 from ..core.layer import MoeLoraLayer
 from ..core.tuner import MoeLoraTuner
 
@@ -76,12 +76,15 @@ class HydraLoRALinear(MoeLoraLayer):
         A, B = self.hydra_A[adapter_name], self.hydra_B[adapter_name]  # [r, d_in], [K, d_out, r]
         (k, d_out, r), tokens = B.shape, x.shape[0]
 
-        g = self.softmax_router(x, self.hydra_router[adapter_name], f"{adapter_name}/router")  # [T, K]
+        router, router_key = self.hydra_router[adapter_name], f"{adapter_name}/router"
 
         if self.training and config.lora_dropout > 0 and not config.shared_dropout_mask:
-            # one projection per head, each under its own mask: [T, K, r]
-            z = expert_dropout_projection(x, A.expand(k, *A.shape), config.lora_dropout).float()
+            # one projection per head, each under its own mask: [T, K, r]; the router's logits from the same pass
+            z, logits = routed_expert_dropout_projection(x, A.expand(k, *A.shape), router, config.lora_dropout)
+            g = self.router_probabilities(logits, router_key)  # [T, K]
+            z = z.float()
         else:
+            g = self.softmax_router(x, router, router_key)
             z = F.linear(F.dropout(x, config.lora_dropout, self.training), A).float().unsqueeze(1)  # [T, 1, r]
         mixed = (g.unsqueeze(-1) * z * config.scaling).reshape(tokens, k * r)  # vec(g ⊗ Ax), head-major
         return F.linear(mixed.to(x.dtype), B.transpose(0, 1).reshape(d_out, k * r))

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.config import MoeLoraConfig, check_positive
-from ..core.dropout import expert_dropout_projection
+from ..core.dropout import routed_expert_dropout_projection
 from ..core.layer import MoeLoraLayer
 from ..core.losses import switch_load_balance
 from ..core.routing import top_k_renormalized
@@ -124,14 +124,17 @@ class MoLoRALinear(MoeLoraLayer):
         A, B = self.molora_A[adapter_name], self.molora_B[adapter_name]  # [E, r, d_in], [E, d_out, r]
         (e, r, d_in), d_out, tokens = A.shape, B.shape[1], x.shape[0]
 
-        p = self.softmax_router(x, self.molora_router[adapter_name], f"{adapter_name}/router")  # [T, E]
-        w = p if config.top_k is None else self._top_k_weights(p, config, adapter_name)
+        router, router_key = self.molora_router[adapter_name], f"{adapter_name}/router"
 
         if self.training and config.lora_dropout > 0 and not config.shared_dropout_mask:
-            projections = expert_dropout_projection(x, A, config.lora_dropout)  # [T, E, r], a mask per expert
+            # [T, E, r] with a mask per expert, and the router's logits from the same pass over x
+            projections, logits = routed_expert_dropout_projection(x, A, router, config.lora_dropout)
+            p = self.router_probabilities(logits, router_key)  # [T, E]
         else:
+            p = self.softmax_router(x, router, router_key)
             dropped = F.dropout(x, config.lora_dropout, self.training)
             projections = F.linear(dropped, A.reshape(e * r, d_in)).view(tokens, e, r)
+        w = p if config.top_k is None else self._top_k_weights(p, config, adapter_name)
         mixed = (w.unsqueeze(-1) * projections.float() * config.scaling).reshape(tokens, e * r)  # expert-major
         return F.linear(mixed.to(x.dtype), B.transpose(0, 1).reshape(d_out, e * r))
 
