@@ -65,16 +65,23 @@ def recording_keep_masks(monkeypatch) -> list[torch.Tensor]:
     return recorded
 
 
-def check_independent_masks_against_loop(layer, x, loop, params, p, monkeypatch, routing_in_python=False) -> None:
-    """The fused layer with a mask per expert equals `loop(x, *params, dropped_inputs=...)` on the masks it drew,
-    in output and in every gradient (so the masks redrawn in backward are the forward's). A loop that routes in
-    plain Python (`routing_in_python`) has gradients for the expert weights (the first two params) only."""
+def check_masks_against_loop(
+    layer, x, loop, params, p, monkeypatch, routing_in_python=False, experts_sharing_one_mask=None
+) -> None:
+    """The fused layer equals `loop(x, *params, dropped_inputs=...)` on the dropout masks it drew, in output and
+    in every gradient (so backward used the forward's masks): a mask per expert by default, or one mask for all
+    with `experts_sharing_one_mask` = the number of experts. A loop that routes in plain Python
+    (`routing_in_python`) has gradients for the expert weights (the first two params) only."""
     masks = recording_keep_masks(monkeypatch)
     x = x.clone().requires_grad_()
     got = layer(x)
     assert len(masks) == 1 and masks[0].shape[1:] == x.shape
     keep = masks[0]
-    assert not torch.equal(keep[0], keep[1]), "masks must be independent across experts"
+    if experts_sharing_one_mask is None:
+        assert not torch.equal(keep[0], keep[1]), "masks must be independent across experts"
+    else:
+        assert keep.shape[0] == 1, "one mask for all experts"
+        keep = keep.expand(experts_sharing_one_mask, *x.shape)
     got.double().pow(2).sum().backward()
     # the dense form redraws its masks in backward, the sparse form keeps its positions: either way the same
     assert len(masks) in (1, 2) and torch.equal(masks[0], masks[-1]), "backward must use the forward's masks"

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import AUTOCAST_DEVICE
 from peft import PeftModel, get_peft_model
-from reference import check_independent_masks_against_loop
+from reference import check_masks_against_loop
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -39,19 +39,6 @@ def params(layer: HydraLoRALinear):
     return layer.hydra_A["default"], layer.hydra_B["default"], layer.hydra_router["default"]
 
 
-def recording_dropout(monkeypatch) -> list[torch.Tensor]:
-    """Patch F.dropout to record every dropped tensor it returns."""
-    recorded = []
-    original = torch.nn.functional.dropout
-
-    def dropout(input, p=0.5, training=True, inplace=False):
-        recorded.append(original(input, p, training, inplace))
-        return recorded[-1]
-
-    monkeypatch.setattr(torch.nn.functional, "dropout", dropout)
-    return recorded
-
-
 # --- fused form against the per-head loop -------------------------------------------------------------------
 
 
@@ -73,19 +60,22 @@ def test_fused_equals_loop_form_in_train_mode_without_dropout():
 
 
 def test_default_dropout_is_one_mask_shared_by_all_heads(monkeypatch):
+    """A·x is computed once, on one dropped copy of x."""
     layer = make_layer(lora_dropout=0.5).train()
-    x = torch.randn(4, 16)
-    recorded = recording_dropout(monkeypatch)
-    got = layer(x)
-    (dropped,) = recorded
-    assert dropped.shape == (4, 16), "A·x is computed once, on one dropped copy of x"
-    expected = layer.base_layer(x).double() + hydra_loop(x, *params(layer), 2.0, dropped_inputs=[dropped] * 5)
-    torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
+    check_masks_against_loop(
+        layer,
+        torch.randn(4, 16),
+        lambda x, *weights, dropped_inputs: hydra_loop(x, *weights, 2.0, dropped_inputs=dropped_inputs),
+        params(layer),
+        0.5,
+        monkeypatch,
+        experts_sharing_one_mask=5,
+    )
 
 
 def test_independent_mask_per_head_option_matches_the_official_loop(monkeypatch):
     layer = make_layer(lora_dropout=0.5, shared_dropout_mask=False).train()
-    check_independent_masks_against_loop(
+    check_masks_against_loop(
         layer,
         torch.randn(4, 16),
         lambda x, *weights, dropped_inputs: hydra_loop(x, *weights, 2.0, dropped_inputs=dropped_inputs),

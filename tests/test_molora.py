@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import AUTOCAST_DEVICE
 from peft import PeftModel, get_peft_model
-from reference import check_independent_masks_against_loop
+from reference import check_masks_against_loop
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -65,18 +65,6 @@ def params(layer: MoLoRALinear):
     return layer.molora_A["default"], layer.molora_B["default"], layer.molora_router["default"]
 
 
-def recording_dropout(monkeypatch) -> list[torch.Tensor]:
-    recorded = []
-    original = torch.nn.functional.dropout
-
-    def dropout(input, p=0.5, training=True, inplace=False):
-        recorded.append(original(input, p, training, inplace))
-        return recorded[-1]
-
-    monkeypatch.setattr(torch.nn.functional, "dropout", dropout)
-    return recorded
-
-
 # --- fused form against the loop form -----------------------------------------------------------------------
 
 
@@ -101,7 +89,7 @@ def test_fused_equals_loop_form_in_train_mode_without_dropout(top_k):
 
 def test_default_dropout_draws_an_independent_mask_per_expert(monkeypatch):
     layer = make_layer(lora_dropout=0.5, top_k=3).train()
-    check_independent_masks_against_loop(
+    check_masks_against_loop(
         layer,
         torch.randn(4, 16),
         lambda x, *weights, dropped_inputs: molora_loop(x, *weights, 2.0, top_k=3, dropped_inputs=dropped_inputs),
@@ -113,14 +101,17 @@ def test_default_dropout_draws_an_independent_mask_per_expert(monkeypatch):
 
 
 def test_shared_dropout_mask_option_uses_one_mask(monkeypatch):
-    layer = make_layer(lora_dropout=0.5, shared_dropout_mask=True).train()
-    x = torch.randn(4, 16)
-    recorded = recording_dropout(monkeypatch)
-    got = layer(x)
-    (dropped,) = recorded
-    assert dropped.shape == (4, 16)
-    loop = molora_loop(x, *params(layer), 2.0, dropped_inputs=[dropped] * 5)
-    torch.testing.assert_close(got.double(), layer.base_layer(x).double() + loop, atol=1e-5, rtol=1e-5)
+    layer = make_layer(lora_dropout=0.5, shared_dropout_mask=True, top_k=3).train()
+    check_masks_against_loop(
+        layer,
+        torch.randn(4, 16),
+        lambda x, *weights, dropped_inputs: molora_loop(x, *weights, 2.0, top_k=3, dropped_inputs=dropped_inputs),
+        params(layer),
+        0.5,
+        monkeypatch,
+        routing_in_python=True,
+        experts_sharing_one_mask=5,
+    )
 
 
 def test_router_sees_the_input_without_dropout():

@@ -9,8 +9,8 @@ G_A in R^{M x d_in}, G_B in R^{N x r} and s = alpha / r:
     h    = W0 x + s * sum_j q_j(x) B_j z(x)
 
 Fast form (d2mora.md §2.1), the only one here: one GEMM against the stacked A_cat = [A_1; ...; A_M] gives
-all M projections (with independent masks, a batched matmul whose backward redraws the masks instead of keeping
-M dropped copies of x: core/dropout.py); z mixes them;
+all M projections (in training with the router G_A too, each expert under its own mask, no dropped copy of x
+kept for backward; on a CPU the masks are a sparse correction: core/dropout.py); z mixes them;
 Δh = s * B_cat vec(q ⊗ z) with B_cat = [B_1 | ... | B_N], so no [tokens, d_out] tensor is built per expert.
 Routers, softmaxes and z run in fp32 even under bf16/fp16 autocast.
 
@@ -52,7 +52,7 @@ class D2MoRAConfig(MoeLoraConfig):
     shared_dropout_mask: bool = field(
         default=False,
         metadata={
-            "help": "Use one dropout mask for all A experts (one GEMM, less memory). Deviation: the official "
+            "help": "Use one dropout mask for all A experts (fewer mask draws). Deviation: the official "
             "code draws an independent mask per expert, which is the default."
         },
     )
@@ -85,14 +85,15 @@ class D2MoRALinear(MoeLoraLayer):
 
         router_A, router_key = self.d2mora_router_A[adapter_name], f"{adapter_name}/router_A"
 
-        if self.training and config.lora_dropout > 0 and not config.shared_dropout_mask:
-            # [T, M, r] with a mask per expert, and the router's logits from the same pass over x
-            projections, logits = routed_expert_dropout_projection(x, A, router_A, config.lora_dropout)
+        if self.training and config.lora_dropout > 0:
+            # a mask per A expert, or one for all ([1, M·r, d_in]); the router's logits from the same pass over x
+            experts = A.reshape(1, m * r, d_in) if config.shared_dropout_mask else A
+            projections, logits = routed_expert_dropout_projection(x, experts, router_A, config.lora_dropout)
+            projections = projections.reshape(tokens, m, r)
             p = self.router_probabilities(logits, router_key)  # [T, M]
         else:
             p = self.softmax_router(x, router_A, router_key)
-            dropped = F.dropout(x, config.lora_dropout, self.training)
-            projections = F.linear(dropped, A.reshape(m * r, d_in)).view(tokens, m, r)
+            projections = F.linear(x, A.reshape(m * r, d_in)).view(tokens, m, r)
         z = (p.unsqueeze(-1) * projections.float()).sum(1)  # [T, r], fp32
 
         q = self.softmax_router(z, self.d2mora_router_B[adapter_name], f"{adapter_name}/router_B")  # [T, N]

@@ -13,8 +13,9 @@ scale it in the r-space, and one GEMM against the concatenated heads B_cat = [B_
 
 Dropout: one mask shared by all heads by default (A·x is then computed once). Deviation, documented: the
 official layer re-applies dropout inside its per-head loop, i.e. draws an independent mask per head;
-`shared_dropout_mask=False` reproduces that (one batched matmul over K masks, redrawn in backward instead of
-keeping K dropped copies of x: core/dropout.py).
+`shared_dropout_mask=False` reproduces that. Either way core/dropout.py computes the router's logits and the
+dropped projection(s) without keeping a dropped copy of x (on a CPU in one GEMM over x, the dropout a sparse
+correction).
 
 Init (§5 item 4): A and the router ~ U(±1/sqrt(d_in)) (nn.Linear's default, kaiming_uniform(a=√5)), B_k = 0,
 so Δh = 0 at init. No auxiliary loss: the official code's cv² balance term is defined but unused.
@@ -78,14 +79,16 @@ class HydraLoRALinear(MoeLoraLayer):
 
         router, router_key = self.hydra_router[adapter_name], f"{adapter_name}/router"
 
-        if self.training and config.lora_dropout > 0 and not config.shared_dropout_mask:
-            # one projection per head, each under its own mask: [T, K, r]; the router's logits from the same pass
-            z, logits = routed_expert_dropout_projection(x, A.expand(k, *A.shape), router, config.lora_dropout)
+        if self.training and config.lora_dropout > 0:
+            # A·x once under one mask ([T, 1, r]), or once per head under its own ([T, K, r]); the router's
+            # logits from the same pass over x
+            heads = 1 if config.shared_dropout_mask else k
+            z, logits = routed_expert_dropout_projection(x, A.expand(heads, *A.shape), router, config.lora_dropout)
             g = self.router_probabilities(logits, router_key)  # [T, K]
             z = z.float()
         else:
             g = self.softmax_router(x, router, router_key)
-            z = F.linear(F.dropout(x, config.lora_dropout, self.training), A).float().unsqueeze(1)  # [T, 1, r]
+            z = F.linear(x, A).float().unsqueeze(1)  # [T, 1, r]
         mixed = (g.unsqueeze(-1) * z * config.scaling).reshape(tokens, k * r)  # vec(g ⊗ Ax), head-major
         return F.linear(mixed.to(x.dtype), B.transpose(0, 1).reshape(d_out, k * r))
 

@@ -16,8 +16,8 @@ Top-k is dense-masked (the unselected experts get weight 0 and hence no gradient
 E·r <= 128 (performance.md §5 item 2); it computes every expert, so it costs as much as dense MoLoRA
 (sparse per-expert dispatch for larger E·r is not implemented).
 
-Dropout: an independent mask per expert, as in the CoMoL code (`shared_dropout_mask` for one mask); the masks
-are redrawn in backward rather than kept as E dropped copies of x (core/dropout.py).
+Dropout: an independent mask per expert, as in the CoMoL code (`shared_dropout_mask` for one mask); no dropped
+copy of x is kept for backward, and on a CPU the router and the experts share one GEMM over x (core/dropout.py).
 
 Load-balancing loss (top-k only, §2.3), per layer and summed over layers by the tuner:
 
@@ -126,14 +126,15 @@ class MoLoRALinear(MoeLoraLayer):
 
         router, router_key = self.molora_router[adapter_name], f"{adapter_name}/router"
 
-        if self.training and config.lora_dropout > 0 and not config.shared_dropout_mask:
-            # [T, E, r] with a mask per expert, and the router's logits from the same pass over x
-            projections, logits = routed_expert_dropout_projection(x, A, router, config.lora_dropout)
+        if self.training and config.lora_dropout > 0:
+            # a mask per expert, or one for all ([1, E·r, d_in]); the router's logits from the same pass over x
+            experts = A.reshape(1, e * r, d_in) if config.shared_dropout_mask else A
+            projections, logits = routed_expert_dropout_projection(x, experts, router, config.lora_dropout)
+            projections = projections.reshape(tokens, e, r)
             p = self.router_probabilities(logits, router_key)  # [T, E]
         else:
             p = self.softmax_router(x, router, router_key)
-            dropped = F.dropout(x, config.lora_dropout, self.training)
-            projections = F.linear(dropped, A.reshape(e * r, d_in)).view(tokens, e, r)
+            projections = F.linear(x, A.reshape(e * r, d_in)).view(tokens, e, r)
         w = p if config.top_k is None else self._top_k_weights(p, config, adapter_name)
         mixed = (w.unsqueeze(-1) * projections.float() * config.scaling).reshape(tokens, e * r)  # expert-major
         return F.linear(mixed.to(x.dtype), B.transpose(0, 1).reshape(d_out, e * r))
