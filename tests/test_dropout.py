@@ -110,11 +110,14 @@ def test_saves_no_dropped_copy_of_x(form):
     extra = sorted((shape for shape in saved if 0 not in shape), key=str)  # leaves out the sparse form's empty router
     for shape in (x.shape, weight.shape):
         extra.remove(shape)
-    # the sparse form keeps three indices per dropped entry (~10 %), the dense form only the RNG state
+    # the sparse form keeps three indices and x's value per dropped entry (~10 %) and the rows' starts, the
+    # dense form only the RNG state
     if form == "dense":
         assert extra == []
     else:
-        assert len(extra) == 3 and len(set(extra)) == 1 and len(extra[0]) == 1 and extra[0][0] < 3 * 64 * 32 / 5
+        per_entry = [shape for shape in extra if shape != (3 * 64 + 1,)]
+        assert len(extra) == 5 and len(per_entry) == 4 and len(set(per_entry)) == 1
+        assert len(per_entry[0]) == 1 and per_entry[0][0] < 3 * 64 * 32 / 5
     plain_saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: plain_saved.append(t.shape) or t, lambda t: t):
         plain_form(x, weight, draw_keep_masks((3, 64, 32), 0.1, x), 0.1)
@@ -202,7 +205,7 @@ def test_dense_masks_keep_with_probability_one_minus_p_independently(p):
 def test_sparse_positions_drop_each_entry_with_probability_p_independently(p):
     shape = (3, 333, 1001)
     positions = draw_dropped_positions(shape, p, torch.device("cpu"))
-    assert positions.dtype == torch.int32 and bool((positions[1:] > positions[:-1]).all())  # sorted, distinct
+    assert positions.dtype == torch.int64 and bool((positions[1:] > positions[:-1]).all())  # sorted, distinct
     assert positions.min() >= 0 and positions.max() < math.prod(shape)
     check_independent_with_rate(keep_mask_of(positions, shape), p)
 

@@ -15,8 +15,8 @@ and the weights, and has two forms of the same function:
   process (geometric, so each entry is dropped independently with probability p, exactly), and the dropout is a
   correction to the undropped projection: y = (A x - A_dropped(x)) / (1 - p), where the correction is a sparse
   matrix product over the dropped entries; backward corrects the dense gradients the same way. Work on the masks
-  falls from E·T·d_in to p·E·T·d_in. Three int32 indices per dropped entry are saved for backward (for D2MoRA's
-  M = 3 at p = 0.05 about 0.45 bytes per entry of x, against the 4 of x itself).
+  falls from E·T·d_in to p·E·T·d_in. Three int32 indices and x's value per dropped entry are saved for backward
+  (for D2MoRA's M = 3 at p = 0.05 about 0.6 bytes per entry of x, against the 4 of x itself).
 - **dense** (the default on accelerators): E keep-masks from 32-bit integer draws, redrawn in backward from the
   saved RNG state. Its sizes are fixed, so it never waits for the device; the sparse form's position count is
   only known once drawn, which would stall a GPU's queue at every module.
@@ -74,8 +74,7 @@ def draw_dropped_positions(shape: tuple[int, ...], p: float, device: torch.devic
         batches.append(positions)
         last = int(positions[-1])
     positions = torch.cat(batches) if len(batches) > 2 else batches[-1]
-    index_dtype = torch.int32 if count < 2**31 else torch.int64
-    return positions[: int(torch.searchsorted(positions, float(count)))].to(index_dtype)
+    return positions[: int(torch.searchsorted(positions, float(count)))].long()
 
 
 def _rng_state(device: torch.device) -> torch.Tensor:
@@ -129,41 +128,44 @@ class _DenseExpertDropoutProjection(torch.autograd.Function):
 
 
 class _DroppedEntries:
-    """Where the dropped entries of the [E, T, d_in] masks fall: `row` = e·T + t (sorted; a row of the sparse
-    matrix and of the output gradient as [E·T, r]), `column` = e·d_in + k (a column of the sparse matrix, a row of
-    the experts stacked as [E·d_in, r]) and `x_index` = t·d_in + k (flat x). int64: index_add_ takes a path
-    several times slower with int32 indices on a CPU."""
+    """The dropped entries of the [E, T, d_in] masks, as the sparse [E·T, E·d_in] matrix of x's values there
+    (block e holds expert e's; rows e·T + t, columns e·d_in + k), whose product with the experts stacked as
+    [E·d_in, r] gives every expert's lost projection at once. `row` and `column` index the entries (`row` also a
+    row of the output gradient as [E·T, r]), `x_index` = t·d_in + k their place in flat x, `row_starts` the CSR
+    row pointers, `values` x there (fp32). Indices are int64: index_add_ takes a path several times slower with
+    int32 indices on a CPU."""
 
-    def __init__(self, row: torch.Tensor, column: torch.Tensor, x_index: torch.Tensor, shape: tuple[int, ...]):
-        self.row, self.column, self.x_index, self.shape = row.long(), column.long(), x_index.long(), shape
+    def __init__(self, row, column, x_index, row_starts, values, shape: tuple[int, int, int]) -> None:
+        self.row, self.column, self.x_index = row.long(), column.long(), x_index.long()
+        self.row_starts, self.values, self.shape = row_starts, values, shape
 
     @classmethod
-    def at(cls, positions: torch.Tensor, shape: tuple[int, int, int]) -> _DroppedEntries:
-        """From the flat positions in the [E, T, d_in] masks."""
-        experts, tokens, features = shape
-        positions = positions.long()
+    def at(cls, positions: torch.Tensor, x: torch.Tensor, experts: int) -> _DroppedEntries:
+        """From the flat positions in the [E, T, d_in] masks of x ([T, d_in])."""
+        (tokens, features), positions = x.shape, positions.long()
         row = torch.div(positions, features, rounding_mode="floor")
         expert = torch.div(positions, tokens * features, rounding_mode="floor")
         x_index = positions - expert * (tokens * features)
-        return cls(row, expert * features + (positions - row * features), x_index, shape)
+        column = expert * features + (positions - row * features)
+        row_starts = torch.searchsorted(row, torch.arange(experts * tokens + 1, device=row.device))
+        values = x.float().reshape(-1).index_select(0, x_index)
+        return cls(row, column, x_index, row_starts, values, (experts, tokens, features))
 
-    def for_backward(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The indices to save for backward, int32 where they fit (12 bytes per dropped entry): they spare
-        backward the index arithmetic."""
+    def for_backward(self) -> tuple[torch.Tensor, ...]:
+        """What backward needs, indices int32 where they fit: 16 bytes per dropped entry (for D2MoRA's M = 3 at
+        p = 0.05 about 0.6 bytes per entry of x), which spares backward the index arithmetic and the gathers."""
         fits = math.prod(self.shape) < 2**31
-        return tuple(index.int() if fits else index for index in (self.row, self.column, self.x_index))
+        indices = tuple(index.int() if fits else index for index in (self.row, self.column, self.x_index))
+        return *indices, self.row_starts, self.values
 
-    def matrix(self, values: torch.Tensor) -> torch.Tensor:
-        """The [E·T, E·d_in] sparse matrix with `values` at the dropped entries (block e holds expert e's), so
-        that its product with the stacked experts gives every expert's lost projection at once."""
+    def matrix(self) -> torch.Tensor:
         experts, tokens, features = self.shape
-        rows = torch.arange(experts * tokens + 1, device=self.row.device)
         with warnings.catch_warnings():  # "sparse CSR support is in beta": nothing a user can act on
             warnings.simplefilter("ignore", UserWarning)
             return torch.sparse_csr_tensor(
-                torch.searchsorted(self.row, rows),
+                self.row_starts,
                 self.column,
-                values,
+                self.values,
                 (experts * tokens, experts * features),
                 check_invariants=False,
             )
@@ -183,34 +185,32 @@ class _SparseExpertDropoutProjection(torch.autograd.Function):
         (experts, rank, features), tokens = weight.shape, x.shape[0]
         # a router's logits are fp32 under autocast too, so a GEMM shared with one runs in fp32
         dtype = torch.float32 if len(router) else compute_dtype(x, x.dtype)
-        shape = (experts, tokens, features)
-        dropped = _DroppedEntries.at(draw_dropped_positions(shape, p, x.device), shape)
+        dropped = _DroppedEntries.at(draw_dropped_positions((experts, tokens, features), p, x.device), x, experts)
         ctx.p, ctx.dtype = p, dtype
         ctx.save_for_backward(x, weight, router, *dropped.for_backward())
         with torch.autocast(x.device.type, enabled=False):
             rows = torch.cat([weight.to(dtype).reshape(experts * rank, features), router.to(dtype)])
             whole = x.to(dtype) @ rows.T  # [T, E·r + m], nothing dropped
-            lost = dropped.matrix(x.float().reshape(-1).index_select(0, dropped.x_index)) @ _stacked(weight)
+            lost = dropped.matrix() @ _stacked(weight)
             kept = whole[:, : experts * rank].float().view(tokens, experts, rank)
             kept = kept - lost.view(experts, tokens, rank).transpose(0, 1)
             return (kept * (1.0 / (1.0 - p))).to(dtype), whole[:, experts * rank :].float()  # [T, E, r], [T, m]
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor, grad_logits: torch.Tensor):
-        x, weight, router, *indices = ctx.saved_tensors
+        x, weight, router, *saved = ctx.saved_tensors
         (experts, rank, features), tokens = weight.shape, x.shape[0]
-        dropped = _DroppedEntries(*indices, (experts, tokens, features))
+        dropped = _DroppedEntries(*saved, (experts, tokens, features))
         grad_x = grad_weight = grad_router = None
         with torch.autocast(x.device.type, enabled=False):
             grad = grad.to(ctx.dtype) * (1.0 / (1.0 - ctx.p))  # [T, E, r]
             grad_whole = torch.cat([grad.reshape(tokens, experts * rank), grad_logits.to(ctx.dtype)], dim=1)
             grad_by_rank = grad.float().permute(2, 1, 0).reshape(rank, experts * tokens)  # columns e·T + t
-            x_values = x.float().reshape(-1).index_select(0, dropped.x_index)
             if ctx.needs_input_grad[0]:
                 rows = torch.cat([weight.to(ctx.dtype).reshape(experts * rank, features), router.to(ctx.dtype)])
                 whole = (grad_whole @ rows).float()  # [T, d_in]
                 # the whole gradient's terms at the dropped entries: one sampled product, in the matrix's order
-                pattern = dropped.matrix(x_values)
+                pattern = dropped.matrix()
                 lost = torch.sparse.sampled_addmm(pattern, grad_by_rank.T, _stacked(weight).T, beta=0.0).values()
                 # a negated source, not alpha=-1: index_add_ with an alpha takes a slow path on a CPU
                 grad_x = whole.view(-1).index_add_(0, dropped.x_index, lost.neg()).view_as(x).to(x.dtype)
@@ -219,7 +219,7 @@ class _SparseExpertDropoutProjection(torch.autograd.Function):
                 grad_router = whole[experts * rank :].to(router.dtype)
                 by_rank = whole[: experts * rank].view(experts, rank, features).transpose(0, 1)
                 by_rank = by_rank.reshape(rank, experts * features)
-                lost = grad_by_rank.index_select(1, dropped.row) * x_values.neg()  # [r, K]
+                lost = grad_by_rank.index_select(1, dropped.row) * dropped.values.neg()  # [r, K]
                 # along dim 1 of [r, E·d_in]: 2-3x faster on a CPU than rows of [E·d_in, r]
                 by_rank.index_add_(1, dropped.column, lost)
                 grad_weight = by_rank.view(rank, experts, features).transpose(0, 1).to(weight.dtype)
