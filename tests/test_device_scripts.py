@@ -126,3 +126,22 @@ def test_call2_refuses_a_corrupt_half_before_running_anything(lease, tmp_path):
     called = run("call2.sh", {**environment, "OUT": str(out), "MOELORA_DEVICE_PAYLOAD": str(payload)}, "--only", "x")
     assert called.returncode != 0 and "FAILED" in called.stdout + called.stderr
     assert not (out / "experiment.log").exists()
+
+
+def test_gpu_checks_runs_every_step_under_its_limit_and_summarises(lease, tmp_path):
+    """gpu_checks.sh (issue 17's call) as a CPU dry run: the tests, both benchmarks and the scale checks all run
+    and report; on a CPU the QLoRA and FSDP checks are refused with moelora's own messages, as they must be."""
+    _, environment, _ = lease
+    out = tmp_path / "out"
+    done = run("gpu_checks.sh", {**environment, "OUT": str(out), "MOELORA_CHECKS_DEVICE": "cpu"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = (out / "summary.txt").read_text()
+    for step in ("tests", "train_step", "modules", "scale_checks"):
+        assert f"{step}: exit 0 after" in summary, summary
+    assert " passed" in summary and (out / "env.txt").is_file()
+    assert (out / "bench" / "train_step.md").is_file() and (out / "bench" / "modules.md").is_file()
+    checks = json.loads((out / "scale_checks.json").read_text())
+    qlora, fsdp = checks["qlora"], checks["fsdp"]
+    assert qlora["exit"] not in (0, "timeout") and "needs a CUDA GPU" in qlora["stderr_tail"] + qlora["stdout_tail"]
+    assert fsdp["exit"] not in (0, "timeout") and "asks for FSDP, but accelerate set up" in fsdp["stderr_tail"]
+    assert not (out / "scale_checks").exists()  # the random model and the runs stay on the device
