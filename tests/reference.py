@@ -66,12 +66,17 @@ def recording_keep_masks(monkeypatch) -> list[torch.Tensor]:
 
 
 def check_masks_against_loop(
-    layer, x, loop, params, p, monkeypatch, routing_in_python=False, experts_sharing_one_mask=None
+    layer, x, loop, params, p, monkeypatch, routing_in_python=False, experts_sharing_one_mask=None, form=None
 ) -> None:
     """The fused layer equals `loop(x, *params, dropped_inputs=...)` on the dropout masks it drew, in output and
     in every gradient (so backward used the forward's masks): a mask per expert by default, or one mask for all
     with `experts_sharing_one_mask` = the number of experts. A loop that routes in plain Python
-    (`routing_in_python`) has gradients for the expert weights (the first two params) only."""
+    (`routing_in_python`) has gradients for the expert weights (the first two params) only. `form` ("sparse" or
+    "dense") forces that form of core/dropout.py, whatever the device would choose."""
+    from moelora.core import dropout
+
+    if form is not None:
+        monkeypatch.setattr(dropout, "_is_sparse", lambda requested, x: form == "sparse")
     masks = recording_keep_masks(monkeypatch)
     x = x.clone().requires_grad_()
     got = layer(x)

@@ -54,7 +54,8 @@ def test_fused_equals_loop_form_in_train_mode_without_dropout():
     torch.testing.assert_close(layer(x).double(), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_fused_equals_loop_form_with_the_same_independent_dropout_masks(monkeypatch):
+@pytest.mark.parametrize("form", ["sparse", "dense"])
+def test_fused_equals_loop_form_with_the_same_independent_dropout_masks(form, monkeypatch):
     """Record the mask each A expert drew, feed the same dropped inputs to the loop form: outputs and gradients."""
     layer = make_layer(lora_dropout=0.5).train()
     check_masks_against_loop(
@@ -64,10 +65,12 @@ def test_fused_equals_loop_form_with_the_same_independent_dropout_masks(monkeypa
         params(layer),
         0.5,
         monkeypatch,
+        form=form,
     )
 
 
-def test_shared_dropout_mask_option_uses_one_mask(monkeypatch):
+@pytest.mark.parametrize("form", ["sparse", "dense"])
+def test_shared_dropout_mask_option_uses_one_mask(form, monkeypatch):
     layer = make_layer(lora_dropout=0.5, shared_dropout_mask=True).train()
     check_masks_against_loop(
         layer,
@@ -77,6 +80,7 @@ def test_shared_dropout_mask_option_uses_one_mask(monkeypatch):
         0.5,
         monkeypatch,
         experts_sharing_one_mask=3,
+        form=form,
     )
 
 

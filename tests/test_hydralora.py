@@ -59,7 +59,8 @@ def test_fused_equals_loop_form_in_train_mode_without_dropout():
     torch.testing.assert_close(layer(x).double(), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_default_dropout_is_one_mask_shared_by_all_heads(monkeypatch):
+@pytest.mark.parametrize("form", ["sparse", "dense"])
+def test_default_dropout_is_one_mask_shared_by_all_heads(form, monkeypatch):
     """A·x is computed once, on one dropped copy of x."""
     layer = make_layer(lora_dropout=0.5).train()
     check_masks_against_loop(
@@ -70,10 +71,12 @@ def test_default_dropout_is_one_mask_shared_by_all_heads(monkeypatch):
         0.5,
         monkeypatch,
         experts_sharing_one_mask=5,
+        form=form,
     )
 
 
-def test_independent_mask_per_head_option_matches_the_official_loop(monkeypatch):
+@pytest.mark.parametrize("form", ["sparse", "dense"])
+def test_independent_mask_per_head_option_matches_the_official_loop(form, monkeypatch):
     layer = make_layer(lora_dropout=0.5, shared_dropout_mask=False).train()
     check_masks_against_loop(
         layer,
@@ -82,6 +85,7 @@ def test_independent_mask_per_head_option_matches_the_official_loop(monkeypatch)
         params(layer),
         0.5,
         monkeypatch,
+        form=form,
     )
 
 

@@ -87,7 +87,8 @@ def test_fused_equals_loop_form_in_train_mode_without_dropout(top_k):
     torch.testing.assert_close(layer(x).double(), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_default_dropout_draws_an_independent_mask_per_expert(monkeypatch):
+@pytest.mark.parametrize("form", ["sparse", "dense"])
+def test_default_dropout_draws_an_independent_mask_per_expert(form, monkeypatch):
     layer = make_layer(lora_dropout=0.5, top_k=3).train()
     check_masks_against_loop(
         layer,
@@ -97,10 +98,12 @@ def test_default_dropout_draws_an_independent_mask_per_expert(monkeypatch):
         0.5,
         monkeypatch,
         routing_in_python=True,
+        form=form,
     )
 
 
-def test_shared_dropout_mask_option_uses_one_mask(monkeypatch):
+@pytest.mark.parametrize("form", ["sparse", "dense"])
+def test_shared_dropout_mask_option_uses_one_mask(form, monkeypatch):
     layer = make_layer(lora_dropout=0.5, shared_dropout_mask=True, top_k=3).train()
     check_masks_against_loop(
         layer,
@@ -111,6 +114,7 @@ def test_shared_dropout_mask_option_uses_one_mask(monkeypatch):
         monkeypatch,
         routing_in_python=True,
         experts_sharing_one_mask=5,
+        form=form,
     )
 
 
