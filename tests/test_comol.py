@@ -16,6 +16,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from moelora import CheckpointMismatchError, CoMoLConfig, LoraConfig
+from moelora.methods import comol as comol_module
 from moelora.methods.comol import CoMoLLinear
 
 # --- the reference: the official forward written per token and per expert, in float64 ------------------------
@@ -60,17 +61,29 @@ class FakeDropout:
     def __init__(self, keep_core=False):
         self.generator = generator(11)
         self.calls: list[tuple[tuple[int, ...], torch.Tensor]] = []
-        self.keep_core = keep_core  # identity on [T, r, r] inputs (a core dropout that keeps everything)
+        self.keep_core = keep_core  # a core dropout ([T, r, r] inputs) that keeps every entry, scaled as dropout is
 
     def __call__(self, input, p=0.5, training=True, inplace=False):
         if not training or p == 0:
             return input
         if self.keep_core and input.dim() == 3:
-            mask = torch.ones_like(input)
+            mask = torch.ones_like(input) / (1 - p)
         else:
             mask = (torch.rand(input.shape, generator=self.generator) >= p).to(input.dtype) / (1 - p)
         self.calls.append((tuple(input.shape), mask))
         return input * mask
+
+
+def use_fake_dropout(monkeypatch, fake) -> None:
+    """Route every dropout of the layer through `fake`: F.dropout (drop1, drop3, and drop2 where the core is
+    materialised) and the dropped positions the CPU draws for drop2 (read off the fake's mask of the same shape)."""
+    monkeypatch.setattr(F, "dropout", fake)
+
+    def dropped_positions(shape, p, device):
+        keep = fake(torch.ones(shape, device=device), p)
+        return (keep.reshape(-1) == 0).nonzero().squeeze(1).to(device)
+
+    monkeypatch.setattr(comol_module, "draw_dropped_positions", dropped_positions)
 
 
 def make_layer(d_in=16, d_out=24, **config) -> CoMoLLinear:
@@ -124,7 +137,7 @@ def test_exact_path_drops_input_merged_core_and_core_output(monkeypatch):
     layer = make_layer(lora_dropout=0.5, core_path="exact").train()
     x = torch.randn(2, 3, 16)
     fake = FakeDropout()
-    monkeypatch.setattr(F, "dropout", fake)
+    use_fake_dropout(monkeypatch, fake)
     got = layer(x)
     assert [shape for shape, _ in fake.calls] == [(6, 16), (6, 4, 4), (6, 4)], "drop1 on x, drop2 on C(x), drop3"
     (_, input_mask), (_, core_mask), (_, output_mask) = fake.calls
@@ -135,24 +148,54 @@ def test_fast_path_never_materialises_the_core_and_omits_its_dropout(monkeypatch
     layer = make_layer(lora_dropout=0.5, core_path="fast").train()
     x = torch.randn(6, 16)
     fake = FakeDropout()
-    monkeypatch.setattr(F, "dropout", fake)
+    use_fake_dropout(monkeypatch, fake)
     got = layer(x)
     assert [shape for shape, _ in fake.calls] == [(6, 16), (6, 4)]
     (_, input_mask), (_, output_mask) = fake.calls
     assert_update_matches(layer, x, got, masks={"input": input_mask, "output": output_mask})
 
 
+def test_the_cpu_core_dropout_equals_the_materialised_core_masked_in_values_and_gradients(monkeypatch):
+    """core_product_with_dropout on a CPU (no [T, r, r] core) against C(x) materialised and masked with the entries
+    it dropped: z and the gradients of the gates, the low-rank input and the cores (on the CPU whatever the test
+    device: the form a CPU runs)."""
+    drawn = []
+    original = comol_module.draw_dropped_positions
+    monkeypatch.setattr(comol_module, "draw_dropped_positions", lambda *a: drawn.append(original(*a)) or drawn[-1])
+    g = torch.softmax(torch.randn(9, 3, device="cpu"), -1).requires_grad_()
+    h, cores = (
+        torch.randn(9, 5, device="cpu", requires_grad=True),
+        torch.randn(3, 5, 5, device="cpu", requires_grad=True),
+    )
+    upstream = torch.randn(9, 5, device="cpu")
+    z = comol_module.core_product_with_dropout(g, h, cores, 0.3)
+    (z * upstream).sum().backward()
+    (positions,) = drawn
+    assert 0 < len(positions) < 9 * 25
+
+    keep = torch.ones(9 * 25, device="cpu")
+    keep[positions] = 0.0
+    rg, rh, rc = (t.detach().double().requires_grad_() for t in (g, h, cores))
+    merged = (rg @ rc.reshape(3, 25)).view(9, 5, 5) * keep.double().view(9, 5, 5) / 0.7
+    expected = torch.bmm(rh.unsqueeze(1), merged).squeeze(1)
+    (expected * upstream.double()).sum().backward()
+    torch.testing.assert_close(z.double(), expected, atol=1e-5, rtol=1e-5)
+    for got, reference in ((g, rg), (h, rh), (cores, rc)):
+        torch.testing.assert_close(got.grad.double(), reference.grad, atol=1e-5, rtol=1e-5)
+
+
 def test_exact_and_fast_agree_when_the_core_dropout_keeps_everything(monkeypatch):
-    """The materialised path (forced on by p > 0, with a core dropout that keeps every entry) against the fast one."""
+    """The exact path (on p > 0, with a core dropout that keeps every entry, so only its 1 / (1 - p) scale acts)
+    against the fast one, which omits drop2 and its scale."""
     x = torch.randn(5, 16)
-    outputs = {}
+    updates = {}
     for path in ("exact", "fast"):
         layer = make_layer(lora_dropout=0.5, core_path=path).train()
         fake = FakeDropout(keep_core=True)
-        monkeypatch.setattr(F, "dropout", fake)
-        outputs[path] = layer(x)
+        use_fake_dropout(monkeypatch, fake)
+        updates[path] = layer(x) - layer.base_layer(x)
         assert ((5, 4, 4) in [shape for shape, _ in fake.calls]) == (path == "exact")
-    torch.testing.assert_close(outputs["exact"], outputs["fast"], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(updates["exact"], updates["fast"] / (1 - 0.5), atol=1e-5, rtol=1e-5)
 
 
 def test_exact_and_fast_are_identical_with_zero_core_dropout():
@@ -169,7 +212,7 @@ def test_exact_and_fast_are_identical_with_zero_core_dropout():
 def test_auto_path_is_exact_up_to_rank_32(monkeypatch, r, materialises):
     layer = make_layer(d_in=40, d_out=40, r=r, lora_dropout=0.2, core_path="auto").train()
     fake = FakeDropout()
-    monkeypatch.setattr(F, "dropout", fake)
+    use_fake_dropout(monkeypatch, fake)
     layer(torch.randn(3, 40))
     assert ((3, r, r) in [shape for shape, _ in fake.calls]) == materialises
 
@@ -178,8 +221,8 @@ def test_core_dropout_defaults_to_lora_dropout_and_can_differ(monkeypatch):
     layer = make_layer(lora_dropout=0.5, core_dropout=0.25, core_path="exact").train()
     probabilities = []
     original = F.dropout
-    monkeypatch.setattr(
-        F, "dropout", lambda i, p=0.5, training=True, inplace=False: probabilities.append(p) or original(i, p, training)
+    use_fake_dropout(
+        monkeypatch, lambda i, p=0.5, training=True, inplace=False: probabilities.append(p) or original(i, p, training)
     )
     layer(torch.randn(3, 16))
     assert probabilities == [0.5, 0.25, 0.25]
@@ -214,7 +257,7 @@ def test_core_router_sees_the_dropped_low_rank_input(monkeypatch):
     assert layer.comol_router["default"].shape == (3, 4)
     x = torch.randn(5, 16)
     fake = FakeDropout()
-    monkeypatch.setattr(F, "dropout", fake)
+    use_fake_dropout(monkeypatch, fake)
     seen = recorded_gates(layer, monkeypatch)
     layer(x)
     input_mask = fake.calls[0][1]
@@ -460,7 +503,7 @@ def test_layer_shared_gradient_sums_both_layers(model_factory, token_batch):
 def test_layer_shared_has_no_core_dropout_by_default(monkeypatch):
     layer = make_layer(lora_dropout=0.5, layer_shared=True).train()
     fake = FakeDropout()
-    monkeypatch.setattr(F, "dropout", fake)
+    use_fake_dropout(monkeypatch, fake)
     layer(torch.randn(4, 16))
     assert [shape for shape, _ in fake.calls] == [(4, 16)]
 

@@ -15,10 +15,11 @@ bias-free router W_g (E x r with the core router, E x d_in without it); s = alph
 The three dropouts draw independent masks; the official code gives them all p = lora_dropout (0.1).
 
 Two paths for the core (`core_path`), neither with a Python loop over experts:
-- "exact" (the official computation): C(x) is materialised per token as a [tokens, r, r] tensor by one
-  (tokens x E)(E x r^2) matmul so that drop2 can act element-wise on it, then z = h C(x) by a batched matmul.
-  It materialises only while drop2 is active (training with core dropout > 0); otherwise it runs the fast
-  form, which is then the same function.
+- "exact" (the official computation): drop2 acts element-wise on the merged core C(x) of each token. On an
+  accelerator C(x) is materialised as a [tokens, r, r] tensor by one (tokens x E)(E x r^2) matmul, masked, and
+  z = h C(x) by a batched matmul; on a CPU the same function without materialising it: the fast form below
+  minus the terms of the dropped entries (`core_product_with_dropout`). Only while drop2 is active (training
+  with core dropout > 0); otherwise it runs the fast form, which is then the same function.
 - "fast": z = sum_i g_i (h C_i) = vec(g ⊗ h) C_cat with C_cat = [C_1; ...; C_E] (E r x r): one matmul, E r^2
   per token, no per-token core. drop2 cannot be moved onto the h C_i, so this path omits it (drop1 and drop3
   stay): a documented deviation, exact when the core dropout is 0.
@@ -53,6 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.config import MoeLoraConfig, check_positive
+from ..core.dropout import draw_dropped_positions
 from ..core.layer import MoeLoraLayer
 from ..core.losses import pairwise_abs_cosine
 from ..core.routing import top_k_renormalized
@@ -160,6 +162,32 @@ class CoMoLConfig(MoeLoraConfig):
         return 0.0 if self.layer_shared else self.lora_dropout
 
 
+def core_product_with_dropout(g: torch.Tensor, h: torch.Tensor, cores: torch.Tensor, p: float) -> torch.Tensor:
+    """z[t] = h[t] (C(x)[t] ⊙ m[t]) / (1 - p), C(x)[t] = Σ_i g[t, i] C_i, m[t] ~ Bernoulli(1 - p) on each entry of
+    the r x r merged core (the exact path's drop2), in fp32: g [T, E], h [T, r], cores [E, r, r] -> [T, r].
+
+    On a CPU C(x) is not materialised: the fast form's h C(x) minus the terms of the ~p·T·r² dropped entries,
+    h[t, a] Σ_i g[t, i] C_i[a, b] taken from z[t, b], the entries drawn as core/dropout.py draws them (each
+    independently with probability p). At r 31 a token's core (961 values) outweighs SmolLM2's input (576), so
+    masking it cost more than the rest of the layer. Elsewhere C(x) is materialised ([T, r, r], one GEMM) and
+    masked: fixed sizes, where the sparse draw would wait for the device."""
+    (experts, rank, _), tokens = cores.shape, h.shape[0]
+    flat_cores = cores.reshape(experts, rank * rank)
+    if h.device.type != "cpu":
+        merged = (g @ flat_cores).view(tokens, rank, rank)
+        return torch.bmm(h.unsqueeze(1), F.dropout(merged, p, training=True)).squeeze(1)
+    whole = (g.unsqueeze(-1) * h.unsqueeze(1)).reshape(tokens, experts * rank) @ cores.reshape(experts * rank, rank)
+    positions = draw_dropped_positions((tokens, rank, rank), p, h.device)  # t·r² + a·r + b
+    token = torch.div(positions, rank * rank, rounding_mode="floor")
+    entry = positions - token * (rank * rank)  # a·r + b
+    row = torch.div(entry, rank, rounding_mode="floor")
+    merged_there = (g.index_select(0, token) * flat_cores.T.contiguous().index_select(0, entry)).sum(1)
+    lost = h.reshape(-1).index_select(0, token * rank + row) * merged_there
+    at = token * rank + (entry - row * rank)  # z's entry t·r + b
+    dropped = torch.zeros(tokens * rank, dtype=whole.dtype, device=whole.device).index_add(0, at, lost)
+    return (whole - dropped.view(tokens, rank)) * (1.0 / (1.0 - p))
+
+
 class CoMoLLinear(MoeLoraLayer):
     adapter_layer_names = ("comol_A", "comol_B", "comol_cores", "comol_router")
     merge_unsupported_reason = "with more than one core, its merged core C(x) depends on each token through the router"
@@ -197,9 +225,7 @@ class CoMoLLinear(MoeLoraLayer):
             g = self.gates(F.linear(router_input, self.comol_router[adapter_name].float()), config.top_k)  # [T, E]
             self.routing.record(f"{adapter_name}/router", g)
             if p_core > 0 and config.resolved_core_path == "exact":
-                merged = (g @ cores.reshape(e, r * r)).view(tokens, r, r)  # C(x) per token
-                merged = F.dropout(merged, p_core, training=True)  # drop2, element-wise on the merged core
-                z = torch.bmm(h.unsqueeze(1), merged).squeeze(1)
+                z = core_product_with_dropout(g, h, cores, p_core)  # drop2, element-wise on the merged core
             else:
                 z = (g.unsqueeze(-1) * h.unsqueeze(1)).reshape(tokens, e * r) @ cores.reshape(e * r, r)
             z = F.dropout(z, p_core, self.training)  # drop3
