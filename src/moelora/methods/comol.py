@@ -162,15 +162,50 @@ class CoMoLConfig(MoeLoraConfig):
         return 0.0 if self.layer_shared else self.lora_dropout
 
 
+class _DroppedCoreTerms(torch.autograd.Function):
+    """D[t, b] = Σ over the dropped entries (a, b) of token t of h[t, a] Σ_i g[t, i] C_i[a, b], from the entries'
+    flat positions t·r² + a·r + b; backward gathers again rather than keeping [K, E] gathered copies."""
+
+    @staticmethod
+    def forward(ctx, g: torch.Tensor, h: torch.Tensor, flat_cores: torch.Tensor, positions: torch.Tensor):
+        ctx.save_for_backward(g, h, flat_cores, positions)
+        token, entry, h_at, z_at = _core_entries(positions, h.shape[1])
+        merged = (g.index_select(0, token) * flat_cores.T.contiguous().index_select(0, entry)).sum(1)
+        lost = h.reshape(-1).index_select(0, h_at) * merged
+        return torch.zeros(h.numel(), dtype=h.dtype, device=h.device).index_add_(0, z_at, lost).view_as(h)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        g, h, flat_cores, positions = ctx.saved_tensors
+        token, entry, h_at, z_at = _core_entries(positions, h.shape[1])
+        grad_lost = grad.reshape(-1).index_select(0, z_at)  # [K]
+        g_rows, core_rows = g.index_select(0, token), flat_cores.T.contiguous().index_select(0, entry)  # [K, E]
+        h_values = h.reshape(-1).index_select(0, h_at)
+        grad_h = torch.zeros(h.numel(), dtype=h.dtype, device=h.device)
+        grad_h = grad_h.index_add_(0, h_at, grad_lost * (g_rows * core_rows).sum(1)).view_as(h)
+        weight = (grad_lost * h_values).unsqueeze(1)
+        grad_g = torch.zeros_like(g).index_add_(0, token, weight * core_rows)
+        grad_cores = torch.zeros_like(flat_cores.T).index_add_(0, entry, weight * g_rows).T
+        return grad_g, grad_h, grad_cores, None
+
+
+def _core_entries(positions: torch.Tensor, rank: int) -> tuple[torch.Tensor, ...]:
+    """For flat positions t·r² + a·r + b: t, the core entry a·r + b, h's entry t·r + a and z's entry t·r + b."""
+    token = torch.div(positions, rank * rank, rounding_mode="floor")
+    entry = positions - token * (rank * rank)
+    row = torch.div(entry, rank, rounding_mode="floor")
+    return token, entry, token * rank + row, token * rank + (entry - row * rank)
+
+
 def core_product_with_dropout(g: torch.Tensor, h: torch.Tensor, cores: torch.Tensor, p: float) -> torch.Tensor:
     """z[t] = h[t] (C(x)[t] ⊙ m[t]) / (1 - p), C(x)[t] = Σ_i g[t, i] C_i, m[t] ~ Bernoulli(1 - p) on each entry of
     the r x r merged core (the exact path's drop2), in fp32: g [T, E], h [T, r], cores [E, r, r] -> [T, r].
 
     On a CPU C(x) is not materialised: the fast form's h C(x) minus the terms of the ~p·T·r² dropped entries,
     h[t, a] Σ_i g[t, i] C_i[a, b] taken from z[t, b], the entries drawn as core/dropout.py draws them (each
-    independently with probability p). At r 31 a token's core (961 values) outweighs SmolLM2's input (576), so
-    masking it cost more than the rest of the layer. Elsewhere C(x) is materialised ([T, r, r], one GEMM) and
-    masked: fixed sizes, where the sparse draw would wait for the device."""
+    independently with probability p) and only their positions kept for backward. At r 31 a token's core (961
+    values) outweighs SmolLM2's input (576), so masking it cost more than the rest of the layer. Elsewhere C(x) is
+    materialised ([T, r, r], one GEMM) and masked: fixed sizes, where the sparse draw would wait for the device."""
     (experts, rank, _), tokens = cores.shape, h.shape[0]
     flat_cores = cores.reshape(experts, rank * rank)
     if h.device.type != "cpu":
@@ -178,14 +213,7 @@ def core_product_with_dropout(g: torch.Tensor, h: torch.Tensor, cores: torch.Ten
         return torch.bmm(h.unsqueeze(1), F.dropout(merged, p, training=True)).squeeze(1)
     whole = (g.unsqueeze(-1) * h.unsqueeze(1)).reshape(tokens, experts * rank) @ cores.reshape(experts * rank, rank)
     positions = draw_dropped_positions((tokens, rank, rank), p, h.device)  # t·r² + a·r + b
-    token = torch.div(positions, rank * rank, rounding_mode="floor")
-    entry = positions - token * (rank * rank)  # a·r + b
-    row = torch.div(entry, rank, rounding_mode="floor")
-    merged_there = (g.index_select(0, token) * flat_cores.T.contiguous().index_select(0, entry)).sum(1)
-    lost = h.reshape(-1).index_select(0, token * rank + row) * merged_there
-    at = token * rank + (entry - row * rank)  # z's entry t·r + b
-    dropped = torch.zeros(tokens * rank, dtype=whole.dtype, device=whole.device).index_add(0, at, lost)
-    return (whole - dropped.view(tokens, rank)) * (1.0 / (1.0 - p))
+    return (whole - _DroppedCoreTerms.apply(g, h, flat_cores, positions)) * (1.0 / (1.0 - p))
 
 
 class CoMoLLinear(MoeLoraLayer):
