@@ -31,11 +31,14 @@ from __future__ import annotations
 import math
 import warnings
 from contextlib import contextmanager
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
 from .layer import compute_dtype
+
+if TYPE_CHECKING:
+    from .layer import MoeLoraLayer
 
 DropoutForm = Literal["auto", "sparse", "dense"]
 
@@ -233,8 +236,15 @@ def _check(p: float, form: str) -> None:
         raise ValueError(f"expert_dropout_projection: form must be 'auto', 'sparse' or 'dense', got {form!r}")
 
 
+def sparse_dropout_on(device: torch.device) -> bool:
+    """Whether dropout takes its sparse form (drawn dropped entries, subtracted terms) on `device`: on a CPU, where
+    it saves the passes over the masks; not on an accelerator, where its data-dependent sizes would make the host
+    wait for the device at every module. CoMoL's core dropout follows the same rule."""
+    return device.type == "cpu"
+
+
 def _is_sparse(form: DropoutForm, x: torch.Tensor) -> bool:
-    return form == "sparse" or (form == "auto" and x.device.type == "cpu")
+    return form == "sparse" or (form == "auto" and sparse_dropout_on(x.device))
 
 
 def expert_dropout_projection(
@@ -263,3 +273,18 @@ def routed_expert_dropout_projection(
     with torch.autocast(x.device.type, enabled=False):
         logits = torch.nn.functional.linear(x.float(), router.float())
     return _DenseExpertDropoutProjection.apply(x, weight, p), logits
+
+
+def routed_projections(
+    layer: MoeLoraLayer, x: torch.Tensor, experts: torch.Tensor, router: torch.Tensor, key: str, p: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The A side D2MoRA, MoLoRA and HydraLoRA share: a softmax router over x undropped ([m, d_in] router; fp32
+    probabilities [T, m], recorded under `key`) and E experts ([E, r, d_in]) projecting x under dropout p, each
+    under its own mask (E = 1: one mask for everything stacked in it) -> (probabilities, projections [T, E, r]).
+    In training with p > 0 both come from `routed_expert_dropout_projection`; otherwise from the router and one
+    GEMM."""
+    if layer.training and p > 0:
+        projections, logits = routed_expert_dropout_projection(x, experts, router, p)
+        return layer.router_probabilities(logits, key), projections
+    projections = torch.nn.functional.linear(x, experts.reshape(-1, x.shape[-1]))
+    return layer.softmax_router(x, router, key), projections.view(x.shape[0], experts.shape[0], -1)

@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.config import MoeLoraConfig, check_positive
-from ..core.dropout import draw_dropped_positions
+from ..core.dropout import draw_dropped_positions, sparse_dropout_on
 from ..core.layer import MoeLoraLayer
 from ..core.losses import pairwise_abs_cosine
 from ..core.routing import top_k_renormalized
@@ -208,7 +208,7 @@ def core_product_with_dropout(g: torch.Tensor, h: torch.Tensor, cores: torch.Ten
     materialised ([T, r, r], one GEMM) and masked: fixed sizes, where the sparse draw would wait for the device."""
     (experts, rank, _), tokens = cores.shape, h.shape[0]
     flat_cores = cores.reshape(experts, rank * rank)
-    if h.device.type != "cpu":
+    if not sparse_dropout_on(h.device):
         merged = (g @ flat_cores).view(tokens, rank, rank)
         return torch.bmm(h.unsqueeze(1), F.dropout(merged, p, training=True)).squeeze(1)
     whole = (g.unsqueeze(-1) * h.unsqueeze(1)).reshape(tokens, experts * rank) @ cores.reshape(experts * rank, rank)

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.config import MoeLoraConfig, check_positive
-from ..core.dropout import routed_expert_dropout_projection
+from ..core.dropout import routed_projections
 from ..core.layer import MoeLoraLayer
 from ..core.losses import pairwise_abs_cosine
 from ..core.tuner import MoeLoraTuner
@@ -83,17 +83,11 @@ class D2MoRALinear(MoeLoraLayer):
         A, B = self.d2mora_A[adapter_name], self.d2mora_B[adapter_name]  # [M, r, d_in], [N, d_out, r]
         (m, r, d_in), n, tokens = A.shape, B.shape[0], x.shape[0]
 
-        router_A, router_key = self.d2mora_router_A[adapter_name], f"{adapter_name}/router_A"
-
-        if self.training and config.lora_dropout > 0:
-            # a mask per A expert, or one for all ([1, M·r, d_in]); the router's logits from the same pass over x
-            experts = A.reshape(1, m * r, d_in) if config.shared_dropout_mask else A
-            projections, logits = routed_expert_dropout_projection(x, experts, router_A, config.lora_dropout)
-            projections = projections.reshape(tokens, m, r)
-            p = self.router_probabilities(logits, router_key)  # [T, M]
-        else:
-            p = self.softmax_router(x, router_A, router_key)
-            projections = F.linear(x, A.reshape(m * r, d_in)).view(tokens, m, r)
+        # a dropout mask per A expert, or one for all ([1, M·r, d_in]); router_A sees x undropped
+        experts = A.reshape(1, m * r, d_in) if config.shared_dropout_mask else A
+        router_A, key = self.d2mora_router_A[adapter_name], f"{adapter_name}/router_A"
+        p, projections = routed_projections(self, x, experts, router_A, key, config.lora_dropout)  # [T, M]
+        projections = projections.reshape(tokens, m, r)
         z = (p.unsqueeze(-1) * projections.float()).sum(1)  # [T, r], fp32
 
         q = self.softmax_router(z, self.d2mora_router_B[adapter_name], f"{adapter_name}/router_B")  # [T, N]

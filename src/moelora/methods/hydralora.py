@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.config import MoeLoraConfig, check_positive
-from ..core.dropout import routed_expert_dropout_projection
+from ..core.dropout import routed_projections
 from ..core.layer import MoeLoraLayer
 from ..core.tuner import MoeLoraTuner
 
@@ -77,18 +77,12 @@ class HydraLoRALinear(MoeLoraLayer):
         A, B = self.hydra_A[adapter_name], self.hydra_B[adapter_name]  # [r, d_in], [K, d_out, r]
         (k, d_out, r), tokens = B.shape, x.shape[0]
 
-        router, router_key = self.hydra_router[adapter_name], f"{adapter_name}/router"
-
-        if self.training and config.lora_dropout > 0:
-            # A·x once under one mask ([T, 1, r]), or once per head under its own ([T, K, r]); the router's
-            # logits from the same pass over x
-            heads = 1 if config.shared_dropout_mask else k
-            z, logits = routed_expert_dropout_projection(x, A.expand(heads, *A.shape), router, config.lora_dropout)
-            g = self.router_probabilities(logits, router_key)  # [T, K]
-            z = z.float()
-        else:
-            g = self.softmax_router(x, router, router_key)
-            z = F.linear(x, A).float().unsqueeze(1)  # [T, 1, r]
+        # A·x once under one mask ([T, 1, r]), or in training once per head under its own ([T, K, r]); the router
+        # sees x undropped
+        heads = k if self.training and not config.shared_dropout_mask else 1
+        router, key = self.hydra_router[adapter_name], f"{adapter_name}/router"
+        g, z = routed_projections(self, x, A.expand(heads, *A.shape), router, key, config.lora_dropout)  # [T, K]
+        z = z.float()
         mixed = (g.unsqueeze(-1) * z * config.scaling).reshape(tokens, k * r)  # vec(g ⊗ Ax), head-major
         return F.linear(mixed.to(x.dtype), B.transpose(0, 1).reshape(d_out, k * r))
 

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.config import MoeLoraConfig, check_positive
-from ..core.dropout import routed_expert_dropout_projection
+from ..core.dropout import routed_projections
 from ..core.layer import MoeLoraLayer
 from ..core.losses import switch_load_balance
 from ..core.routing import top_k_renormalized
@@ -124,17 +124,11 @@ class MoLoRALinear(MoeLoraLayer):
         A, B = self.molora_A[adapter_name], self.molora_B[adapter_name]  # [E, r, d_in], [E, d_out, r]
         (e, r, d_in), d_out, tokens = A.shape, B.shape[1], x.shape[0]
 
-        router, router_key = self.molora_router[adapter_name], f"{adapter_name}/router"
-
-        if self.training and config.lora_dropout > 0:
-            # a mask per expert, or one for all ([1, E·r, d_in]); the router's logits from the same pass over x
-            experts = A.reshape(1, e * r, d_in) if config.shared_dropout_mask else A
-            projections, logits = routed_expert_dropout_projection(x, experts, router, config.lora_dropout)
-            projections = projections.reshape(tokens, e, r)
-            p = self.router_probabilities(logits, router_key)  # [T, E]
-        else:
-            p = self.softmax_router(x, router, router_key)
-            projections = F.linear(x, A.reshape(e * r, d_in)).view(tokens, e, r)
+        # a dropout mask per expert, or one for all ([1, E·r, d_in]); the router sees x undropped
+        experts = A.reshape(1, e * r, d_in) if config.shared_dropout_mask else A
+        router, key = self.molora_router[adapter_name], f"{adapter_name}/router"
+        p, projections = routed_projections(self, x, experts, router, key, config.lora_dropout)  # [T, E]
+        projections = projections.reshape(tokens, e, r)
         w = p if config.top_k is None else self._top_k_weights(p, config, adapter_name)
         mixed = (w.unsqueeze(-1) * projections.float() * config.scaling).reshape(tokens, e * r)  # expert-major
         return F.linear(mixed.to(x.dtype), B.transpose(0, 1).reshape(d_out, e * r))
