@@ -16,6 +16,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from moelora import CheckpointMismatchError, CoMoLConfig, LoraConfig
+from moelora.core import dropout as dropout_module
 from moelora.methods import comol as comol_module
 from moelora.methods.comol import CoMoLLinear
 
@@ -75,15 +76,19 @@ class FakeDropout:
 
 
 def use_fake_dropout(monkeypatch, fake) -> None:
-    """Route every dropout of the layer through `fake`: F.dropout (drop1, drop3, and drop2 where the core is
-    materialised) and the dropped positions the CPU draws for drop2 (read off the fake's mask of the same shape)."""
+    """Route every dropout of the layer through `fake`, which sees each mask's shape: F.dropout (drop3, and drop2
+    where the core is materialised), the dropped positions the CPU draws for drop2, and drop1's, which
+    core/dropout.py draws as one expert's mask [1, T, d_in] (shown to the fake as [T, d_in]; its sparse form is
+    forced, whose positions are read off the mask, on every device)."""
     monkeypatch.setattr(F, "dropout", fake)
 
     def dropped_positions(shape, p, device):
-        keep = fake(torch.ones(shape, device=device), p)
+        keep = fake(torch.ones(shape[1:] if shape[0] == 1 else shape, device=device), p)
         return (keep.reshape(-1) == 0).nonzero().squeeze(1).to(device)
 
     monkeypatch.setattr(comol_module, "draw_dropped_positions", dropped_positions)
+    monkeypatch.setattr(dropout_module, "draw_dropped_positions", dropped_positions)
+    monkeypatch.setattr(dropout_module, "_is_sparse", lambda form, x: True)
 
 
 def make_layer(d_in=16, d_out=24, **config) -> CoMoLLinear:
@@ -142,6 +147,36 @@ def test_exact_path_drops_input_merged_core_and_core_output(monkeypatch):
     assert [shape for shape, _ in fake.calls] == [(6, 16), (6, 4, 4), (6, 4)], "drop1 on x, drop2 on C(x), drop3"
     (_, input_mask), (_, core_mask), (_, output_mask) = fake.calls
     assert_update_matches(layer, x, got, masks={"input": input_mask, "core": core_mask, "output": output_mask})
+
+
+@pytest.mark.parametrize("core_router", [True, False])
+def test_the_three_dropouts_match_a_differentiable_reference_in_every_gradient(monkeypatch, core_router):
+    """Training forward and backward (drop1 without a dropped copy of x, the CPU's drop2 without the core) against
+    the official computation written with materialised cores in float64, on the masks drawn: the output and the
+    gradients of x and of every adapter tensor, the router's path through h included."""
+    layer = make_layer(lora_dropout=0.3, core_path="exact", core_router=core_router).train()
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    fake = FakeDropout()
+    use_fake_dropout(monkeypatch, fake)
+    got = layer(x)
+    (_, input_mask), (_, core_mask), (_, output_mask) = fake.calls
+    upstream = torch.randn_like(got)
+    (got * upstream).sum().backward()
+
+    A, B, cores, router = (t.double().requires_grad_() for t in params(layer))
+    x_ref = x.detach().double().requires_grad_()
+    tokens = x_ref.reshape(10, 16)
+    h = (tokens * input_mask.double()) @ A.T
+    g = torch.softmax((h if core_router else tokens) @ router.T, dim=-1)
+    merged = torch.einsum("te,eab->tab", g, cores) * core_mask.double()
+    z = torch.bmm(h.unsqueeze(1), merged).squeeze(1) * output_mask.double()
+    expected = layer.base_layer(x_ref.float()).double() + (2.0 * z @ B.T).view(2, 5, 24)
+    (expected * upstream.double()).sum().backward()
+
+    torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x.grad.double(), x_ref.grad, atol=1e-5, rtol=1e-5)
+    for name, reference in zip(CoMoLLinear.adapter_layer_names, (A, B, cores, router), strict=True):
+        torch.testing.assert_close(getattr(layer, name)["default"].grad.double(), reference.grad, atol=1e-5, rtol=1e-5)
 
 
 def test_fast_path_never_materialises_the_core_and_omits_its_dropout(monkeypatch):

@@ -39,10 +39,11 @@ def keep_mask_of(positions, shape):
     return keep.view(shape)
 
 
+@pytest.mark.parametrize("rank", [1, 4, 9])  # the sparse backward pads ranks 2-7 for sampled_addmm
 @pytest.mark.parametrize("form", FORMS)
-def test_same_values_and_gradients_as_the_plain_form_on_the_masks_drawn(form, monkeypatch):
-    x, weight = torch.randn(40, 16), torch.randn(3, 4, 16)
-    upstream = torch.randn(40, 3, 4)
+def test_same_values_and_gradients_as_the_plain_form_on_the_masks_drawn(form, rank, monkeypatch):
+    x, weight = torch.randn(40, 16), torch.randn(3, rank, 16)
+    upstream = torch.randn(40, 3, rank)
     masks = recording_keep_masks(monkeypatch)
     fx, fw = leaves(x, weight)
     fused = expert_dropout_projection(fx, fw, 0.3, form=form)

@@ -5,7 +5,8 @@ Specs: comol.md (§2 forward, §3 variants, §5 counts, §11 choices) and baseli
 Per module, shared LoRA factors A in R^{r x d_in} and B in R^{d_out x r}, E core experts C_i in R^{r x r} and a
 bias-free router W_g (E x r with the core router, E x d_in without it); s = alpha / r. Per token x (row vector):
 
-    h    = drop1(x) A^T                              the shared down-projection, in R^r
+    h    = drop1(x) A^T                              the shared down-projection, in R^r (drop1 as core/dropout.py
+                                                     draws it: no dropped copy of x is kept)
     g    = softmax(h W_g^T)  (core router)           dense, fp32; the router inherits the input dropout
          = softmax(x W_g^T)  (core_router=False)     "CoMoL w/o CR": raw x, no dropout
     C(x) = sum_i g_i C_i                             soft-merged core, r x r
@@ -54,7 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.config import MoeLoraConfig, check_positive
-from ..core.dropout import draw_dropped_positions, sparse_dropout_on
+from ..core.dropout import draw_dropped_positions, routed_expert_dropout_projection, sparse_dropout_on
 from ..core.layer import MoeLoraLayer
 from ..core.losses import pairwise_abs_cosine
 from ..core.routing import top_k_renormalized
@@ -246,11 +247,23 @@ class CoMoLLinear(MoeLoraLayer):
         (e, r, _), tokens = cores.shape, x.shape[0]
         p_core = config.resolved_core_dropout if self.training else 0.0
 
-        h = F.linear(F.dropout(x, config.lora_dropout, self.training), A)  # drop1, then the shared A
+        router = self.comol_router[adapter_name]
+        raw_logits = None  # the logits of a router on the raw x ("w/o CR"), when drop1 computes them too
+        if self.training and config.lora_dropout > 0:
+            # drop1, then the shared A, without a dropped copy of x (core/dropout.py); a router on the raw x
+            # shares that GEMM
+            raw_router = router.new_zeros(0, x.shape[-1]) if config.core_router else router
+            h, raw_logits = routed_expert_dropout_projection(x, A.unsqueeze(0), raw_router, config.lora_dropout)
+            h = h.squeeze(1)
+        else:
+            h = F.linear(x, A)
         with torch.autocast(x.device.type, enabled=False):
             h = h.float()
-            router_input = h if config.core_router else x.float()
-            g = self.gates(F.linear(router_input, self.comol_router[adapter_name].float()), config.top_k)  # [T, E]
+            if config.core_router:
+                logits = F.linear(h, router.float())
+            else:
+                logits = raw_logits if raw_logits is not None else F.linear(x.float(), router.float())
+            g = self.gates(logits, config.top_k)  # [T, E]
             self.routing.record(f"{adapter_name}/router", g)
             if p_core > 0 and config.resolved_core_path == "exact":
                 z = core_product_with_dropout(g, h, cores, p_core)  # drop2, element-wise on the merged core
