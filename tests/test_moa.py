@@ -242,6 +242,30 @@ def test_decoder_layer_equals_the_per_token_reference(case):
     torch.testing.assert_close(seen["output"].double(), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("case", ["llama-soft", "llama-sparse-with-prompt", "qwen3-sparse"])
+def test_decoder_layer_gradients_equal_the_reference_gradients(case):
+    """Backward through one decoder layer against autograd through the per-token reference: the gradient of every
+    trained tensor of the layer (each gate applied in its expert's narrow space, the reference's on its output)."""
+    arch, settings = REFERENCE_CASES[case]
+    model = moa(arch, init_weights=False, **settings)
+    config = model.peft_config["default"]
+    layer = layers(model)[1]
+    seen, handle = capture_layer_call(layer)
+    model(tokens())
+    handle.remove()
+    upstream = torch.randn(seen["output"].shape, generator=generator(5))
+    trained = {name: p for name, p in layer.named_parameters() if p.requires_grad}
+    got = torch.autograd.grad((seen["output"] * upstream).sum(), list(trained.values()), allow_unused=True)
+    u = seen["input"].detach()
+    expected = decoder_layer_reference(layer, u, seen["cos"].detach(), seen["sin"].detach(), config)
+    reference = torch.autograd.grad((expected * upstream.double()).sum(), list(trained.values()), allow_unused=True)
+    assert sum(g is not None for g in got) > 4
+    for name, a, b in zip(trained, got, reference, strict=True):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            torch.testing.assert_close(a.double(), b.double(), rtol=1e-5, atol=1e-5, msg=name)
+
+
 @pytest.mark.parametrize("arch", ["qwen3", "llama"])
 def test_prompt_expert_equals_an_independent_computation(arch):
     """The o_proj input with and without the prompt expert (GQA: 4 query heads share 2 key/value heads)."""
@@ -289,17 +313,23 @@ def test_routing_apply_runs_the_expert_on_selected_rows_only():
     x = torch.arange(12.0).reshape(4, 3)
     weights = torch.tensor([[0.9, 0.2], [0.1, 0.7], [0.8, 0.6], [0.3, 0.4]])
     selected = torch.tensor([[True, False], [False, True], [True, True], [False, False]])
+    up, bias = torch.tensor([[1.0, -2.0], [0.5, 3.0]]), torch.tensor([0.25, -1.0])
     seen = []
 
-    def expert(rows):
+    def down(rows):
         seen.append(rows)
-        return rows * 2
+        return rows[:, :2] * 2
 
-    out = Routing(weights * selected, selected, {"a": 0, "b": 1}).apply("a", x, expert)
+    def expected(t, w):  # w · s · (U down(x_t) + b), s = 1.5
+        return w * 1.5 * (up @ (x[t, :2] * 2) + bias)
+
+    out = Routing(weights * selected, selected, {"a": 0, "b": 1}).apply("a", x, down, up, bias, scaling=1.5)
     assert torch.equal(seen[0], x[[0, 2]])
-    assert torch.equal(out, torch.stack([x[0] * 1.8, torch.zeros(3), x[2] * 1.6, torch.zeros(3)]))
-    dense = Routing(weights, None, {"a": 0, "b": 1}).apply("b", x, expert)
-    assert torch.equal(seen[1], x) and torch.equal(dense, x * 2 * weights[:, 1:])
+    zero = torch.zeros(2)
+    torch.testing.assert_close(out, torch.stack([expected(0, 0.9), zero, expected(2, 0.8), zero]))
+    dense = Routing(weights, None, {"a": 0, "b": 1}).apply("b", x, down, up, bias, scaling=1.5)
+    assert torch.equal(seen[1], x)
+    torch.testing.assert_close(dense, torch.stack([expected(t, weights[t, 1]) for t in range(4)]))
 
 
 # --- init ----------------------------------------------------------------------------------------------------------

@@ -20,6 +20,9 @@ input and s = alpha / r:
         a' = a + γ_prompt o, and LoRA-O sees a' (the prompt contribution included)
     parallel adapter:                   FFN(x_f) + γ_PA (U SiLU(D x_f + b_D) + b_U),   bottleneck 16
 
+Every gate multiplies its expert's narrow hidden (A x, or SiLU(D x_f + b_D)) before the up-projection, which is
+linear, so no [T, d_out] product is kept for the gate's gradient (`Routing.apply`).
+
 The same γ(u), computed once per forward from the block input, gates every expert of the layer. Slot order of γ:
 [q, k, v, prompt, o, up, gate, down, PA], keeping those present (the native code's order).
 
@@ -227,14 +230,30 @@ class Routing:
             return None
         return self.selected[:, self.slots[expert]].nonzero().squeeze(1)
 
-    def apply(self, expert: str, x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """w_t · fn(x_t) for every token of x [T, d]; in sparse MoA fn runs only on the selected rows (gathered
-        with index_select, scattered back with index_add), the other rows are 0."""
+    def apply(
+        self,
+        expert: str,
+        x: torch.Tensor,
+        down: Callable[[torch.Tensor], torch.Tensor],
+        up: torch.Tensor,
+        up_bias: torch.Tensor | None = None,
+        scaling: float = 1.0,
+    ) -> torch.Tensor:
+        """w_t · s · (U down(x_t) + b) for every token of x [T, d], U = `up` [d_out, k], b = `up_bias`, s =
+        `scaling`. The weight multiplies down's narrow output (k columns) before U, which is the same since U is
+        linear: no [T, d_out] product is kept for the weight's gradient. In sparse MoA the expert runs only on
+        the selected rows (gathered with index_select, scattered back with index_add), the other rows are 0."""
         weight, index = self.gate(expert, x.shape[0]), self.tokens(expert)
+        if index is not None:
+            x, weight = x.index_select(0, index), weight.index_select(0, index)
+        weight = (weight * scaling).unsqueeze(1)
+        hidden = down(x)
+        out = F.linear((hidden * weight).to(hidden.dtype), up)
+        if up_bias is not None:
+            out = out + weight.to(out.dtype) * up_bias
         if index is None:
-            return fn(x) * weight.unsqueeze(1)
-        out = fn(x.index_select(0, index)) * weight.index_select(0, index).unsqueeze(1)
-        return out.new_zeros(x.shape[0], out.shape[1]).index_add(0, index, out)
+            return out
+        return out.new_zeros(self.weights.shape[0], out.shape[1]).index_add(0, index, out)
 
 
 class MoAContext:
@@ -289,7 +308,7 @@ class MoALinear(MoALayer):
             )
         A, B = self.moa_lora_A[adapter_name], self.moa_lora_B[adapter_name]
         scaling = self.adapter_config[adapter_name].scaling
-        return routing.apply(self.expert_name, x, lambda h: F.linear(F.linear(h, A), B) * scaling)
+        return routing.apply(self.expert_name, x, partial(F.linear, weight=A), B, scaling=scaling)
 
 
 class MoABlock(MoALayer):
@@ -456,16 +475,13 @@ class MoABlock(MoALayer):
         x = args[0]
         delta = None
         for adapter_name, routing in routed:
-            down = self.moa_adapter_down[adapter_name]
-            expert = partial(
-                parallel_adapter,
-                down=down,
-                down_bias=self.moa_adapter_down_bias[adapter_name],
-                up=self.moa_adapter_up[adapter_name],
-                up_bias=self.moa_adapter_up_bias[adapter_name],
-            )
+            down, down_bias = self.moa_adapter_down[adapter_name], self.moa_adapter_down_bias[adapter_name]
             out = routing.apply(
-                PARALLEL_ADAPTER, self._cast_input_dtype(x, down.dtype).reshape(-1, x.shape[-1]), expert
+                PARALLEL_ADAPTER,
+                self._cast_input_dtype(x, down.dtype).reshape(-1, x.shape[-1]),
+                lambda h, down=down, down_bias=down_bias: F.silu(F.linear(h, down, down_bias)),
+                self.moa_adapter_up[adapter_name],
+                self.moa_adapter_up_bias[adapter_name],
             )
             delta = out if delta is None else delta + out
         return output + delta.reshape(output.shape).to(output.dtype)
@@ -519,13 +535,6 @@ class MoABlock(MoALayer):
             out = out.transpose(1, 2).reshape(batch * seq, heads * head_dim)
             out = out * routing.gate(PROMPT, batch * seq).unsqueeze(1)
         return out.view(batch, seq, heads * head_dim)
-
-
-def parallel_adapter(
-    x: torch.Tensor, down: torch.Tensor, down_bias: torch.Tensor, up: torch.Tensor, up_bias: torch.Tensor
-) -> torch.Tensor:
-    """U SiLU(D x + b_D) + b_U."""
-    return F.linear(F.silu(F.linear(x, down, down_bias)), up, up_bias)
 
 
 def frozen_projection(projection: nn.Module, x: torch.Tensor) -> torch.Tensor:
