@@ -80,8 +80,15 @@ def test_train_step_smallest(load_bench, tmp_path):
         assert set(rows) == set(train_step.DEFAULT_VARIANTS)
         assert rows["frozen"]["step_vs_frozen"] == pytest.approx(1.0)
         assert rows["peft_lora"]["step_vs_baseline"] == pytest.approx(1.0)
-        assert set(rows["d2mora"]["targets"]) == {"step_vs_baseline", "step_vs_frozen", "memory_vs_baseline"}
-    assert "## Targets (issue 8)" in markdown
+        targets = {"step_vs_baseline", "step_vs_equal_rank", "step_vs_frozen", "memory_vs_baseline"}
+        assert all(set(rows[label]["targets"]) == targets for label in ("d2mora", "molora:top_k=2", "moa_soft"))
+        assert "targets" not in rows["peft_lora:r=8"] and "targets" not in rows["frozen"]
+        # D2MoRA's r 8 has PEFT LoRA r 8 beside it; CoMoL's matched rank has no PEFT LoRA of its own
+        assert rows["d2mora"]["step_vs_equal_rank"] == pytest.approx(
+            rows["d2mora"]["step"]["median_s"] / rows["peft_lora:r=8"]["step"]["median_s"]
+        )
+        assert rows["comol"]["targets"]["step_vs_equal_rank"]["value"] is None
+    assert "## Targets (issue 17)" in markdown and "at equal rank" in markdown
 
 
 def test_inference_smallest(load_bench, tmp_path):
