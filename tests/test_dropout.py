@@ -9,6 +9,7 @@ import types
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import AUTOCAST_DEVICE
 from reference import recording_keep_masks
 from torch.utils.checkpoint import checkpoint
@@ -171,6 +172,30 @@ def test_a_shared_weight_passed_expanded_gets_the_summed_gradient(form, monkeypa
     # the sparse form subtracts the dropped terms from the whole product: fp32 rounding of a different sum
     torch.testing.assert_close(fA.grad, pA.grad, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(fx.grad, px.grad, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_dropped_projection_is_a_linear_on_the_dropped_x(form, monkeypatch):
+    """One mask ([1, T, d_in]) through either form against F.linear on x times that mask, in values and in both
+    gradients; outside training, or at p 0, F.linear itself."""
+    monkeypatch.setattr(dropout, "_is_sparse", lambda requested, x: form == "sparse")
+    masks = recording_keep_masks(monkeypatch)
+    x, weight = leaves(torch.randn(30, 12), torch.randn(5, 12))
+    upstream = torch.randn(30, 5)
+    got = dropout.dropped_projection(x, weight, 0.4, training=True)
+    got.backward(upstream)
+    keep = masks[0][0]
+    assert keep.shape == (30, 12) and torch.equal(masks[0], masks[-1]) and 0.4 < keep.mean() < 0.8
+
+    rx, rw = leaves(x.detach(), weight.detach())
+    expected = F.linear(rx * keep / 0.6, rw)
+    expected.backward(upstream)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(x.grad, rx.grad)
+    torch.testing.assert_close(weight.grad, rw.grad)
+    with torch.no_grad():
+        for training, p in ((False, 0.4), (True, 0.0)):
+            assert torch.equal(dropout.dropped_projection(x, weight, p, training), F.linear(x, weight))
 
 
 @pytest.mark.parametrize("p", [0.0, 1.0, -0.1])

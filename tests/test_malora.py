@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
+from reference import recording_keep_masks
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -101,17 +102,11 @@ def test_fused_equals_loop_form_in_train_mode_without_dropout(top_k):
 def test_dropout_is_one_mask_on_the_input_and_the_router_sees_x_undropped(monkeypatch):
     layer = make_layer(lora_dropout=0.5, top_k=2).train()
     x = torch.randn(6, 16)
-    recorded = []
-    original = torch.nn.functional.dropout
-
-    def dropout(input, p=0.5, training=True, inplace=False):
-        recorded.append(original(input, p, training, inplace))
-        return recorded[-1]
-
-    monkeypatch.setattr(torch.nn.functional, "dropout", dropout)
+    masks = recording_keep_masks(monkeypatch)
     got = layer(x)
-    (dropped,) = recorded
-    assert dropped.shape == (6, 16) and (dropped == 0).any()
+    ((keep,),) = masks  # one mask [1, T, d_in] for the shared subspace
+    assert keep.shape == (6, 16) and (keep == 0).any()
+    dropped = x * keep / 0.5
     S, P, B, router = params(layer)
     # the expert weights come from x, the expert inputs from the dropped x
     probs = torch.softmax(x.double() @ router.double().T, -1)

@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import AUTOCAST_DEVICE
 from peft import PeftModel, get_peft_model
+from reference import recording_keep_masks
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -53,20 +54,20 @@ def test_forward_equals_the_formula_in_train_mode_without_dropout():
 
 def test_dropout_is_applied_once_to_the_input_before_A(monkeypatch):
     layer = make_layer(lora_dropout=0.5).train()
-    x = torch.randn(5, 16)
-    recorded = []
-    original = torch.nn.functional.dropout
-
-    def dropout(input, p=0.5, training=True, inplace=False):
-        recorded.append((input, original(input, p, training, inplace)))
-        return recorded[-1][1]
-
-    monkeypatch.setattr(torch.nn.functional, "dropout", dropout)
+    x = torch.randn(5, 16, requires_grad=True)
+    masks = recording_keep_masks(monkeypatch)
     got = layer(x)
-    ((seen, dropped),) = recorded
-    assert torch.equal(seen, x)
-    expected = layer.base_layer(x).double() + moslora_reference(dropped, *params(layer), scaling=2.0)
+    ((keep,),) = masks  # one mask [1, T, d_in]
+    assert keep.shape == x.shape and (keep == 0).any()
+    x_ref = x.detach().clone().requires_grad_()
+    ref_params = [t.detach().clone().requires_grad_() for t in params(layer)]
+    expected = layer.base_layer(x_ref).double() + moslora_reference(x_ref * keep / 0.5, *ref_params, scaling=2.0)
     torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
+    got.double().pow(2).sum().backward()
+    expected.pow(2).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-5, rtol=1e-5)
+    for name, reference in zip(MoSLoRALinear.adapter_layer_names, ref_params, strict=True):
+        torch.testing.assert_close(getattr(layer, name)["default"].grad, reference.grad, atol=1e-5, rtol=1e-5)
 
 
 def test_identity_mixer_equals_lora(model_factory, token_batch):

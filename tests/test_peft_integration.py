@@ -7,11 +7,13 @@ import json
 import pytest
 import torch
 from peft import AutoPeftModelForCausalLM, PeftConfig, PeftModel, get_peft_model
+from reference import recording_keep_masks
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from moelora import CheckpointMismatchError, D2MoRAConfig, LoraConfig
 from moelora.methods.d2mora import D2MoRALinear
+from moelora.methods.lora import LoraLinear
 
 
 def d2mora(**overrides) -> D2MoRAConfig:
@@ -153,6 +155,29 @@ def test_lora_merges_exactly(model_factory, token_batch):
     merged = model.merge_and_unload()
     assert not any("lora_" in n for n, _ in merged.named_parameters())
     torch.testing.assert_close(merged(input_ids=token_batch).logits, unmerged, atol=1e-5, rtol=1e-5)
+
+
+def test_lora_in_training_is_peft_lora_on_the_mask_it_drew(monkeypatch):
+    """moelora's LoRA with dropout: PEFT LoRA's formula on x times the mask core/dropout.py drew (no dropped copy
+    of x is kept), in the output and in the gradients of x, A and B."""
+    torch.manual_seed(0)
+    layer = LoraLinear(torch.nn.Linear(12, 7), "default", LoraConfig(r=4, lora_alpha=8, lora_dropout=0.3))
+    torch.nn.init.normal_(layer.lora_B["default"])
+    masks = recording_keep_masks(monkeypatch)
+    x = torch.randn(9, 12, requires_grad=True)
+    got = layer.train()(x)
+    keep = masks[0][0]
+    A, B = (layer.lora_A["default"].detach().clone().requires_grad_(), layer.lora_B["default"].detach().clone())
+    B.requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    expected = layer.base_layer(x_ref) + (x_ref * keep / 0.7) @ A.T @ B.T * 2.0
+    upstream = torch.randn_like(got)
+    (got * upstream).sum().backward()
+    (expected * upstream).sum().backward()
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    torch.testing.assert_close(layer.lora_A["default"].grad, A.grad)
+    torch.testing.assert_close(layer.lora_B["default"].grad, B.grad)
 
 
 def test_two_adapters_switch(model_factory, token_batch):

@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import generator
 from peft import PeftModel, get_peft_model
+from reference import recording_keep_masks
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -87,17 +88,12 @@ def test_fused_equals_loop_form_in_train_mode_without_dropout():
 
 def test_train_mode_dropout_is_one_mask_on_the_input_of_A(monkeypatch):
     layer = make_layer(lora_dropout=0.5, bias_update_rate=0.0).train()
-    recorded, original = [], torch.nn.functional.dropout
-
-    def dropout(input, p=0.5, training=True, inplace=False):
-        recorded.append(original(input, p, training, inplace))
-        return recorded[-1]
-
-    monkeypatch.setattr(torch.nn.functional, "dropout", dropout)
+    masks = recording_keep_masks(monkeypatch)
     x = torch.randn(6, 16)
     got = layer(x)
-    (dropped,) = recorded
-    assert dropped.shape == x.shape and (dropped == 0).any()
+    ((keep,),) = masks  # one mask [1, T, d_in]
+    assert keep.shape == x.shape and (keep == 0).any()
+    dropped = x * keep / 0.5
     loop = smora_loop(x, *params(layer), scaling=2.0, top_k=3, dropped=dropped)
     torch.testing.assert_close(got.double(), layer.base_layer(x).double() + loop, atol=1e-5, rtol=1e-5)
 

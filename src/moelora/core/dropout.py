@@ -9,7 +9,9 @@ default, as their official code does:
 
 The plain form builds the E dropped copies of x and autograd keeps them: E·T·d_in values per module (3.3x PEFT
 LoRA's saved bytes for D2MoRA's M = 3). `expert_dropout_projection` keeps only x (which the router keeps anyway)
-and the weights, and has two forms of the same function:
+and the weights, and has two forms of the same function. With E = 1 it is the one-mask dropout of LoRA and the
+other methods that drop x once before their first projection (`dropped_projection`, CoMoL's drop1), which then
+keep no dropped copy either:
 
 - **sparse** (the default on a CPU): only the ~p·E·T·d_in dropped entries are drawn, as the gaps of a Bernoulli
   process (geometric, so each entry is dropped independently with probability p, exactly), and the dropout is a
@@ -200,8 +202,9 @@ class _SparseExpertDropoutProjection(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, router: torch.Tensor, p: float):
         (experts, rank, features), tokens = weight.shape, x.shape[0]
-        # a router's logits are fp32 under autocast too, so a GEMM shared with one runs in fp32
-        dtype = torch.float32 if len(router) else compute_dtype(x, x.dtype)
+        # a router's logits are fp32 under autocast too, so a GEMM shared with one runs in fp32 (or wider)
+        dtype = compute_dtype(x, x.dtype)
+        dtype = torch.promote_types(dtype, torch.float32) if len(router) else dtype
         dropped = _DroppedEntries.at(draw_dropped_positions((experts, tokens, features), p, x.device), x, experts)
         ctx.p, ctx.dtype = p, dtype
         ctx.save_for_backward(x, weight, router, *dropped.for_backward())
@@ -273,6 +276,16 @@ def expert_dropout_projection(
     if _is_sparse(form, x):
         return _SparseExpertDropoutProjection.apply(x, weight, weight.new_zeros(0, x.shape[-1]), p)[0]
     return _DenseExpertDropoutProjection.apply(x, weight, p)
+
+
+def dropped_projection(x: torch.Tensor, weight: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """F.linear(F.dropout(x, p, training), weight) ([T, d_in] x, [r, d_in] weight -> [T, r]) without a dropped
+    copy of x: in training with p > 0 one mask through `expert_dropout_projection` (on a CPU only the dropped
+    entries are drawn and their terms subtracted; elsewhere the mask is redrawn in backward). The single-mask
+    methods (LoRA, MoSLoRA, MALoRA's shared subspace, SMoRA) project through it."""
+    if training and p > 0:
+        return expert_dropout_projection(x, weight.unsqueeze(0), p).squeeze(1)
+    return torch.nn.functional.linear(x, weight)
 
 
 def routed_expert_dropout_projection(

@@ -4,7 +4,8 @@
 
 A ~ U(-1/sqrt(d_in), 1/sqrt(d_in)) (nn.Linear's default, as PEFT), B = 0, so the update is zero at init.
 The update does not depend on the input, so it merges exactly: W0 <- W0 + (alpha / r) B A.
-Numerically identical to PEFT's LoRA given the same A and B (tests copy weights across).
+Numerically identical to PEFT's LoRA given the same A and B (tests copy weights across). In training the dropout
+is drawn as core/dropout.py draws it, so no dropped copy of x is kept for backward (PEFT keeps one per module).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.config import MoeLoraConfig
+from ..core.dropout import dropped_projection
 from ..core.layer import MoeLoraLayer
 from ..core.tuner import MoeLoraTuner
 
@@ -36,8 +38,8 @@ class LoraLinear(MoeLoraLayer):
 
     def compute_delta(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         config = self.adapter_config[adapter_name]
-        x = F.dropout(x, config.lora_dropout, self.training)
-        return F.linear(F.linear(x, self.lora_A[adapter_name]), self.lora_B[adapter_name]) * config.scaling
+        h = dropped_projection(x, self.lora_A[adapter_name], config.lora_dropout, self.training)
+        return F.linear(h, self.lora_B[adapter_name]) * config.scaling
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         return (self.lora_B[adapter_name] @ self.lora_A[adapter_name]) * self.adapter_config[adapter_name].scaling

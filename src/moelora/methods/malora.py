@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.config import MoeLoraConfig, check_positive
+from ..core.dropout import routed_projections
 from ..core.layer import MoeLoraLayer
 from ..core.tuner import MoeLoraTuner
 from .molora import MoLoRALinear
@@ -133,10 +134,13 @@ class MALoRALinear(MoeLoraLayer):
         S, P, B = self.malora_S[adapter_name], self.malora_P[adapter_name], self.malora_B[adapter_name]
         (e, r, d_s), d_out, tokens = P.shape, B.shape[1], x.shape[0]
 
-        p = self.softmax_router(x, self.malora_router[adapter_name], f"{adapter_name}/router")  # [T, E]
+        # the shared subspace projects x under one mask ([T, 1, d_s], once for all experts); the router sees x
+        # undropped
+        router, key = self.malora_router[adapter_name], f"{adapter_name}/router"
+        p, u = routed_projections(self, x, S.unsqueeze(0), router, key, config.lora_dropout)  # [T, E]
+        u = u.squeeze(1)
         w = p if config.top_k is None else self._top_k_weights(p, config, adapter_name)
 
-        u = F.linear(F.dropout(x, config.lora_dropout, self.training), S)  # [T, d_s], once for all experts
         z = F.linear(u, P.reshape(e * r, d_s)).view(tokens, e, r)  # every P_t u in one GEMM
         mixed = (w.unsqueeze(-1) * z.float() * config.scaling).reshape(tokens, e * r)  # expert-major
         return F.linear(mixed.to(x.dtype), B.transpose(0, 1).reshape(d_out, e * r))

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.config import MoeLoraConfig
+from ..core.dropout import dropped_projection
 from ..core.layer import MoeLoraLayer
 from ..core.tuner import MoeLoraTuner
 
@@ -41,8 +42,8 @@ class MoSLoRALinear(MoeLoraLayer):
 
     def compute_delta(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         config = self.adapter_config[adapter_name]
-        x = F.dropout(x, config.lora_dropout, self.training)
-        z = F.linear(F.linear(x, self.moslora_A[adapter_name]), self.moslora_mixer[adapter_name])  # W_mix A x
+        h = dropped_projection(x, self.moslora_A[adapter_name], config.lora_dropout, self.training)  # A drop(x)
+        z = F.linear(h, self.moslora_mixer[adapter_name])  # W_mix A x
         return F.linear(z, self.moslora_B[adapter_name]) * config.scaling
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:

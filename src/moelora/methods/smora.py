@@ -58,6 +58,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.config import MoeLoraConfig, check_positive
+from ..core.dropout import dropped_projection
 from ..core.layer import MoeLoraLayer, in_backward_pass
 from ..core.tuner import MoeLoraTuner
 
@@ -169,7 +170,7 @@ class SMoRALinear(MoeLoraLayer):
             self._bias_used[adapter_name] = bias.detach().clone()
             self._update_bias(adapter_name, selected, config)
 
-        projections = F.linear(F.dropout(x, config.lora_dropout, self.training), A)  # [T, R]
+        projections = dropped_projection(x, A, config.lora_dropout, self.training)  # [T, R]
         return F.linear((g * projections.float() * config.scaling).to(x.dtype), B)
 
     @torch.no_grad()
