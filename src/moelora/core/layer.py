@@ -29,7 +29,7 @@ from torch import nn
 
 from ..peft_compat import keep_frozen
 from .config import MoeLoraConfig
-from .routing import RoutingRecorder
+from .routing import RoutingRecorder, expert_softmax
 
 
 def in_backward_pass() -> bool:
@@ -220,7 +220,7 @@ class MoeLoraLayer(AdapterStateLayer):
     def router_probabilities(self, logits: torch.Tensor, key: str) -> torch.Tensor:
         """`softmax_router` for logits computed elsewhere (in a GEMM shared with the experts), fp32."""
         with torch.autocast(logits.device.type, enabled=False):
-            probs = torch.softmax(logits.float(), dim=-1)
+            probs = expert_softmax(logits.float())
         self.routing.record(key, probs)
         return probs
 

@@ -51,6 +51,15 @@ class RoutingRecorder:
         self.stats.clear()
 
 
+def expert_softmax(logits: torch.Tensor) -> torch.Tensor:
+    """softmax over the experts of [tokens, E] logits, computed along the tokens' transpose: over a last dim of a
+    few experts the CPU kernel barely vectorises (forward and backward of [1024, 8] 3.5x slower, measured).
+    The result is the transpose's view: same values, column-major strides."""
+    if logits.dim() != 2:
+        return torch.softmax(logits, dim=-1)
+    return torch.softmax(logits.t(), dim=0).t()
+
+
 def top_k_renormalized(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense [tokens, E] weights that keep each token's k most probable experts, renormalised to sum to 1
     (zeros elsewhere, so unselected experts get no gradient), and the 0/1 selection itself."""

@@ -58,7 +58,7 @@ from ..core.config import MoeLoraConfig, check_positive
 from ..core.dropout import draw_dropped_positions, routed_expert_dropout_projection, sparse_dropout_on
 from ..core.layer import MoeLoraLayer
 from ..core.losses import pairwise_abs_cosine
-from ..core.routing import top_k_renormalized
+from ..core.routing import expert_softmax, top_k_renormalized
 from ..core.tuner import CheckpointMismatchError, MoeLoraTuner
 
 CORE_PATHS = ("auto", "exact", "fast")
@@ -235,7 +235,7 @@ class CoMoLLinear(MoeLoraLayer):
     @staticmethod
     def gates(logits: torch.Tensor, top_k: int | None) -> torch.Tensor:
         """fp32 softmax over the experts; with top_k, the k largest renormalised to sum to 1 (dense, masked)."""
-        probs = torch.softmax(logits.float(), dim=-1)
+        probs = expert_softmax(logits.float())
         if top_k is None or top_k >= probs.shape[-1]:
             return probs
         return top_k_renormalized(probs, top_k)[0]

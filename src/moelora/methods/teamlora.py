@@ -43,6 +43,7 @@ import torch.nn.functional as F
 
 from ..core.config import MoeLoraConfig, check_positive
 from ..core.layer import MoeLoraLayer
+from ..core.routing import expert_softmax
 from ..core.tuner import MoeLoraTuner
 
 BALANCE_LOSS_TYPES = ("official", "variance")
@@ -141,7 +142,7 @@ class TeamLoRALinear(MoeLoraLayer):
         """w [tokens, K] in fp32: K * phi (I + M), renormalised by its sum; phi is recorded as the router."""
         config: TeamLoRAConfig = self.adapter_config[adapter_name]
         with torch.autocast(x.device.type, enabled=False):
-            phi = torch.softmax(F.linear(x.float(), self.teamlora_router[adapter_name].float()), dim=-1)
+            phi = expert_softmax(F.linear(x.float(), self.teamlora_router[adapter_name].float()))
             mixed = phi + phi @ self.teamlora_interaction[adapter_name].float()
             if config.clamp_interaction:
                 mixed = mixed.clamp_min(0.0)
