@@ -182,6 +182,13 @@ def _stacked(weight: torch.Tensor) -> torch.Tensor:
     return weight.float().transpose(1, 2).reshape(experts * features, rank)
 
 
+def _padded_width(width: int) -> int:
+    """The output width the forward GEMM is zero-padded to: the next multiple of 8 for widths 9 to 63. A [T, n]
+    output of x @ Wᵀ took MKL 1.6-2x as long at n = 27 (D2MoRA's M·r + M) or 31 (CoMoL's r at the SmolLM2
+    budget) as at 32 on the 2-core VM; the rows are concatenated anyway, so the zeros cost nothing extra."""
+    return -(-width // 8) * 8 if 8 < width < 64 else width
+
+
 #: sampled_addmm on a CPU takes a scalar path for inner sizes 2 to 7, about 10x slower than for 8 (MoLoRA's r 4
 #: at the matched budget); zero-padding the rank to this many costs a copy of two small matrices.
 _SAMPLED_MIN_RANK = 8
@@ -209,12 +216,15 @@ class _SparseExpertDropoutProjection(torch.autograd.Function):
         ctx.p, ctx.dtype = p, dtype
         ctx.save_for_backward(x, weight, router, *dropped.for_backward())
         with torch.autocast(x.device.type, enabled=False):
-            rows = torch.cat([weight.to(dtype).reshape(experts * rank, features), router.to(dtype)])
-            whole = x.to(dtype) @ rows.T  # [T, E·r + m], nothing dropped
+            width = experts * rank + len(router)
+            padding = weight.new_zeros(_padded_width(width) - width, features, dtype=dtype)
+            rows = torch.cat([weight.to(dtype).reshape(experts * rank, features), router.to(dtype), padding])
+            whole = x.to(dtype) @ rows.T  # [T, E·r + m (+ padding)], nothing dropped
             lost = dropped.matrix() @ _stacked(weight)
             kept = whole[:, : experts * rank].float().view(tokens, experts, rank)
             kept = kept - lost.view(experts, tokens, rank).transpose(0, 1)
-            return (kept * (1.0 / (1.0 - p))).to(dtype), whole[:, experts * rank :].float()  # [T, E, r], [T, m]
+            logits = whole[:, experts * rank : width].float()
+            return (kept * (1.0 / (1.0 - p))).to(dtype), logits  # [T, E, r], [T, m]
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor, grad_logits: torch.Tensor):
