@@ -319,9 +319,10 @@ def routed_expert_dropout_projection(
 def routed_projections(
     layer: MoeLoraLayer, x: torch.Tensor, experts: torch.Tensor, router: torch.Tensor, key: str, p: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The A side D2MoRA, MoLoRA and HydraLoRA share: a softmax router over x undropped ([m, d_in] router; fp32
-    probabilities [T, m], recorded under `key`) and E experts ([E, r, d_in]) projecting x under dropout p, each
-    under its own mask (E = 1: one mask for everything stacked in it) -> (probabilities, projections [T, E, r]).
+    """The A side D2MoRA, MoLoRA, HydraLoRA and MALoRA share: a softmax router over x undropped ([m, d_in]
+    router; fp32 probabilities [T, m], recorded under `key`) and E experts ([E, r, d_in]) projecting x under
+    dropout p, each under its own mask (E = 1: one mask for everything stacked in it) -> (probabilities,
+    projections [T, E, r]).
     In training with p > 0 both come from `routed_expert_dropout_projection`; otherwise from the router and one
     GEMM."""
     if layer.training and p > 0:
