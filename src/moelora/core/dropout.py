@@ -180,6 +180,15 @@ class _DroppedEntries:
             )
 
 
+def _projection_rows(weight: torch.Tensor, router: torch.Tensor, dtype: torch.dtype, width: int = 0) -> torch.Tensor:
+    """[E, r, d_in] experts and [m, d_in] router as the rows of one GEMM in `dtype`, zero rows up to `width`."""
+    rows = [weight.to(dtype).reshape(-1, weight.shape[-1]), router.to(dtype)]
+    padding = width - len(rows[0]) - len(router)
+    if padding > 0:
+        rows.append(weight.new_zeros(padding, weight.shape[-1], dtype=dtype))
+    return torch.cat(rows)
+
+
 def _stacked(weight: torch.Tensor) -> torch.Tensor:
     """[E, r, d_in] experts as fp32 rows [E·d_in, r]: row e·d_in + k is expert e's column k."""
     experts, rank, features = weight.shape
@@ -221,8 +230,7 @@ class _SparseExpertDropoutProjection(torch.autograd.Function):
         ctx.save_for_backward(x, weight, router, *dropped.for_backward())
         with torch.autocast(x.device.type, enabled=False):
             width = experts * rank + len(router)
-            padding = weight.new_zeros(_padded_width(width) - width, features, dtype=dtype)
-            rows = torch.cat([weight.to(dtype).reshape(experts * rank, features), router.to(dtype), padding])
+            rows = _projection_rows(weight, router, dtype, _padded_width(width))
             whole = x.to(dtype) @ rows.T  # [T, E·r + m (+ padding)], nothing dropped
             lost = dropped.matrix() @ _stacked(weight)
             kept = whole[:, : experts * rank].float().view(tokens, experts, rank)
@@ -241,8 +249,7 @@ class _SparseExpertDropoutProjection(torch.autograd.Function):
             grad_whole = torch.cat([grad.reshape(tokens, experts * rank), grad_logits.to(ctx.dtype)], dim=1)
             grad_by_rank = grad.float().permute(2, 1, 0).reshape(rank, experts * tokens)  # columns e·T + t
             if ctx.needs_input_grad[0]:
-                rows = torch.cat([weight.to(ctx.dtype).reshape(experts * rank, features), router.to(ctx.dtype)])
-                whole = (grad_whole @ rows).float()  # [T, d_in]
+                whole = (grad_whole @ _projection_rows(weight, router, ctx.dtype)).float()  # [T, d_in]
                 # the whole gradient's terms at the dropped entries: one sampled product, in the matrix's order
                 pattern = dropped.matrix()
                 lost = _dropped_dot_products(pattern, grad_by_rank.T, _stacked(weight).T)
@@ -322,9 +329,8 @@ def routed_projections(
     """The A side D2MoRA, MoLoRA, HydraLoRA and MALoRA share: a softmax router over x undropped ([m, d_in]
     router; fp32 probabilities [T, m], recorded under `key`) and E experts ([E, r, d_in]) projecting x under
     dropout p, each under its own mask (E = 1: one mask for everything stacked in it) -> (probabilities,
-    projections [T, E, r]).
-    In training with p > 0 both come from `routed_expert_dropout_projection`; otherwise from the router and one
-    GEMM."""
+    projections [T, E, r]). In training with p > 0 both come from `routed_expert_dropout_projection`; otherwise
+    from the router and one GEMM."""
     if layer.training and p > 0:
         projections, logits = routed_expert_dropout_projection(x, experts, router, p)
         return layer.router_probabilities(logits, key), projections

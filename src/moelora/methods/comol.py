@@ -172,7 +172,7 @@ class _DroppedCoreTerms(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, g: torch.Tensor, h: torch.Tensor, flat_cores: torch.Tensor, positions: torch.Tensor):
-        _, _, h_at, z_at = _core_entries(positions, h.shape[1])
+        h_at, z_at = _core_entries(positions, h.shape[1])
         merged = (g @ flat_cores).view(-1).index_select(0, positions)  # C(x) at the dropped entries, [K]
         lost = h.reshape(-1).index_select(0, h_at) * merged
         ctx.save_for_backward(g, h, flat_cores, positions, h_at.int(), z_at.int())
@@ -192,12 +192,11 @@ class _DroppedCoreTerms(torch.autograd.Function):
         return grad_g, grad_h.view_as(h), g.T @ grad_merged, None
 
 
-def _core_entries(positions: torch.Tensor, rank: int) -> tuple[torch.Tensor, ...]:
-    """For flat positions t·r² + a·r + b: t, the core entry a·r + b, h's entry t·r + a and z's entry t·r + b."""
-    token = torch.div(positions, rank * rank, rounding_mode="floor")
-    entry = positions - token * (rank * rank)
-    row = torch.div(entry, rank, rounding_mode="floor")
-    return token, entry, token * rank + row, token * rank + (entry - row * rank)
+def _core_entries(positions: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For flat positions t·r² + a·r + b: h's entry t·r + a and z's entry t·r + b."""
+    h_at = torch.div(positions, rank, rounding_mode="floor")
+    token_start = torch.div(h_at, rank, rounding_mode="floor") * rank  # t·r
+    return h_at, token_start + (positions - h_at * rank)
 
 
 def core_product_with_dropout(g: torch.Tensor, h: torch.Tensor, cores: torch.Tensor, p: float) -> torch.Tensor:
