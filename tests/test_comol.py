@@ -84,7 +84,7 @@ def use_fake_dropout(monkeypatch, fake) -> None:
 
     def dropped_positions(shape, p, device):
         keep = fake(torch.ones(shape[1:] if shape[0] == 1 else shape, device=device), p)
-        return (keep.reshape(-1) == 0).nonzero().squeeze(1).to(device)
+        return (keep.reshape(-1) == 0).nonzero().squeeze(1).to(device, torch.float64)
 
     monkeypatch.setattr(comol_module, "draw_dropped_positions", dropped_positions)
     monkeypatch.setattr(dropout_module, "draw_dropped_positions", dropped_positions)
@@ -209,7 +209,7 @@ def test_the_cpu_core_dropout_equals_the_materialised_core_masked_in_values_and_
     assert 0 < len(positions) < 9 * 25
 
     keep = torch.ones(9 * 25, device="cpu")
-    keep[positions] = 0.0
+    keep[positions.long()] = 0.0
     rg, rh, rc = (t.detach().double().requires_grad_() for t in (g, h, cores))
     merged = (rg @ rc.reshape(3, 25)).view(9, 5, 5) * keep.double().view(9, 5, 5) / 0.7
     expected = torch.bmm(rh.unsqueeze(1), merged).squeeze(1)

@@ -231,7 +231,8 @@ def test_dense_masks_keep_with_probability_one_minus_p_independently(p):
 def test_sparse_positions_drop_each_entry_with_probability_p_independently(p):
     shape = (3, 333, 1001)
     positions = draw_dropped_positions(shape, p, torch.device("cpu"))
-    assert positions.dtype == torch.int64 and bool((positions[1:] > positions[:-1]).all())  # sorted, distinct
+    assert positions.dtype == torch.float64 and torch.equal(positions, positions.floor())  # exact integers
+    assert bool((positions[1:] > positions[:-1]).all())  # sorted, distinct
     assert positions.min() >= 0 and positions.max() < math.prod(shape)
     check_independent_with_rate(keep_mask_of(positions, shape), p)
 

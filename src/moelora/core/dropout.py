@@ -45,16 +45,21 @@ if TYPE_CHECKING:
 DropoutForm = Literal["auto", "sparse", "dense"]
 
 
+def _random_int32(count: int, device: torch.device) -> torch.Tensor:
+    """`count` independent uniform 32-bit integers from the default generator of `device`, two per 64-bit draw
+    (`randint` costs the same per draw whatever its width)."""
+    words = torch.randint(-(2**63), 2**63 - 1, ((count + 1) // 2,), dtype=torch.int64, device=device)
+    return words.view(torch.int32)[:count]
+
+
 def draw_keep_masks(shape: tuple[int, ...], p: float, like: torch.Tensor, kept: float = 1.0) -> torch.Tensor:
     """Keep-masks with P(keep) = 1 - p, from the generator of `like`'s device: `kept` where kept, 0 elsewhere.
 
-    One 64-bit draw gives two masks' entries, each an independent 32-bit integer compared with p's threshold, so
-    p is exact to 2^-33; `bernoulli_` draws a double per entry, and E masks of a [T, d_in] input took as long as
-    the frozen layer's GEMM on a CPU. Passing the dropout scale as `kept` makes the mask and the scaling one pass.
+    Each entry is an independent 32-bit integer compared with p's threshold, so p is exact to 2^-33;
+    `bernoulli_` draws a double per entry, and E masks of a [T, d_in] input took as long as the frozen layer's GEMM
+    on a CPU. Passing the dropout scale as `kept` makes the mask and the scaling one pass.
     """
-    count = math.prod(shape)
-    words = torch.randint(-(2**63), 2**63 - 1, ((count + 1) // 2,), dtype=torch.int64, device=like.device)
-    draws = words.view(torch.int32)[:count].view(shape)
+    draws = _random_int32(math.prod(shape), like.device).view(shape)
     threshold = round(p * 2**32) - 2**31  # P(draw >= threshold) = 1 - p
     # torch.full, not torch.tensor: on a GPU a tensor built from a Python number is a host-to-device copy
     kept_value = torch.full((), kept, dtype=like.dtype, device=like.device)
@@ -65,21 +70,23 @@ def draw_dropped_positions(shape: tuple[int, ...], p: float, device: torch.devic
     """The sorted flat indices of the dropped entries of a mask of `shape`, each entry dropped independently with
     probability p: a Bernoulli process drawn by its gaps, which are geometric (about p·count draws, not count).
 
-    A gap is ceil(log V / log(1 - p)) for V uniform on (0, 1] in float64 (P(gap > k) = (1 - p)^k, exact to
-    2^-53; twice as fast as `geometric_` on a CPU), positions their running sum (exact integers below 2^53). In
-    the rare case the first batch of gaps ends before the last entry it tops up; the loop reads one number per
-    batch, so it is for host-side use (the CPU form)."""
+    A gap is floor(log V / log(1 - p)) + 1, so P(gap > k) = P(V <= (1 - p)^k) = (1 - p)^k, for V uniform on the
+    2^32 midpoints of (0, 1) (one 32-bit integer per gap: exact to 2^-33, as `draw_keep_masks`' p; 1.6x faster
+    than float64 uniforms and 3x faster than `geometric_` on a CPU). The positions, the gaps' running sum, come
+    back as float64, exact integers below 2^53: their consumers divide them, and float64 division is 5x faster
+    than int64's on a CPU. In the rare case the first batch of gaps ends before the last entry it tops up; the
+    loop reads one number per batch, so it is for host-side use (the CPU form)."""
     count = math.prod(shape)
     batches, last = [torch.empty(0, dtype=torch.float64, device=device)], -1
     while last < count - 1:
         expected = (count - 1 - last) * p
-        uniform = torch.rand(math.ceil(expected + 6 * math.sqrt(expected) + 16), dtype=torch.float64, device=device)
-        gaps = uniform.neg_().log1p_().div_(math.log1p(-p)).ceil_().clamp_min_(1.0)  # V = 1 - uniform
-        positions = gaps.cumsum_(0).add_(last)
+        draws = _random_int32(math.ceil(expected + 6 * math.sqrt(expected) + 16), device)
+        log_v = draws.double().add_(2**31 + 0.5).mul_(-(2**-32)).log1p_()  # log(1 - U), U on the midpoints
+        positions = log_v.div_(math.log1p(-p)).floor_().add_(1.0).cumsum_(0).add_(last)
         batches.append(positions)
         last = int(positions[-1])
     positions = torch.cat(batches) if len(batches) > 2 else batches[-1]
-    return positions[: int(torch.searchsorted(positions, float(count)))].long()
+    return positions[: int(torch.searchsorted(positions, float(count)))]
 
 
 def _rng_state(device: torch.device) -> torch.Tensor:
@@ -137,35 +144,42 @@ class _DroppedEntries:
     (block e holds expert e's; rows e·T + t, columns e·d_in + k), whose product with the experts stacked as
     [E·d_in, r] gives every expert's lost projection at once. `row` and `column` index the entries (`row` also a
     row of the output gradient as [E·T, r]), `x_index` = t·d_in + k their place in flat x, `row_starts` the CSR
-    row pointers, `values` x there (fp32). Indices are int64: index_add_ takes a path several times slower with
-    int32 indices on a CPU."""
+    row pointers, `values` x there (fp32). The indices are int32 where the masks have fewer than 2^31 entries:
+    backward keeps them (16 bytes per dropped entry with the values: for D2MoRA's M = 3 at p = 0.05 about 0.6
+    bytes per entry of x), and MKL's sparse product is faster with them; `widened` gives the int64 ones that
+    index_add_ and scatter_add_ need (several times slower with int32 indices on a CPU)."""
 
     def __init__(self, row, column, x_index, row_starts, values, shape: tuple[int, int, int]) -> None:
-        self.row, self.column, self.x_index = row.long(), column.long(), x_index.long()
-        self.row_starts, self.values, self.shape = row_starts, values, shape
+        self.row, self.column, self.x_index, self.row_starts = row, column, x_index, row_starts
+        self.values, self.shape = values, shape
 
     @classmethod
     def at(cls, positions: torch.Tensor, x: torch.Tensor, experts: int) -> _DroppedEntries:
-        """From the flat positions in the [E, T, d_in] masks of x ([T, d_in])."""
+        """From the flat float64 positions in the [E, T, d_in] masks of x ([T, d_in]), which it overwrites.
+
+        The index arithmetic runs in float64, in place where it can: exact, as every value is an integer below
+        2^53 and floor(a / b) of such integers rounds to the true quotient; 5x faster than int64 division on a
+        CPU; and each fresh [K] buffer costs page faults on a CPU (as much as the arithmetic, measured)."""
         tokens, features = x.shape
-        # the index arithmetic in float64, 5x faster than int64 division on a CPU and exact: every value is an
-        # integer below 2^53, and floor(a / b) of integers a, b below that rounds to the true quotient
-        flat = positions.double()
-        row = flat.div(features).floor_()
-        expert = row.div(tokens).floor_()
-        x_index = flat - expert * (tokens * features)
-        column = expert * features + (flat - row * features)
-        row, column, x_index = row.long(), column.long(), x_index.long()
-        row_starts = torch.searchsorted(row, torch.arange(experts * tokens + 1, device=row.device))
+        index = torch.int32 if experts * x.numel() < 2**31 else torch.int64
+        row = torch.div(positions, features).floor_()  # e·T + t
+        expert = torch.div(row, tokens).floor_()
+        row_index = row.to(index)
+        feature = positions.add_(row, alpha=-features)  # k
+        x_index = row.add_(expert, alpha=-tokens).mul_(features).add_(feature).to(index)  # t·d_in + k
+        column = expert.mul_(features).add_(feature).to(index)  # e·d_in + k
+        row_starts = torch.zeros(experts * tokens + 1, dtype=index, device=x.device)
+        torch.cumsum(torch.bincount(row_index, minlength=experts * tokens), 0, dtype=index, out=row_starts[1:])
         values = x.float().reshape(-1).index_select(0, x_index)
-        return cls(row, column, x_index, row_starts, values, (experts, tokens, features))
+        return cls(row_index, column, x_index, row_starts, values, (experts, tokens, features))
 
     def for_backward(self) -> tuple[torch.Tensor, ...]:
-        """What backward needs, indices int32 where they fit: 16 bytes per dropped entry (for D2MoRA's M = 3 at
-        p = 0.05 about 0.6 bytes per entry of x), which spares backward the index arithmetic and the gathers."""
-        fits = math.prod(self.shape) < 2**31
-        indices = tuple(index.int() if fits else index for index in (self.row, self.column, self.x_index))
-        return *indices, self.row_starts, self.values
+        return self.row, self.column, self.x_index, self.row_starts, self.values
+
+    def widened(self) -> _DroppedEntries:
+        """The same entries with int64 column, x_index and row pointers (row stays: index_select takes int32)."""
+        column, x_index, row_starts = (index.long() for index in (self.column, self.x_index, self.row_starts))
+        return _DroppedEntries(self.row, column, x_index, row_starts, self.values, self.shape)
 
     def matrix(self) -> torch.Tensor:
         experts, tokens, features = self.shape
@@ -242,27 +256,28 @@ class _SparseExpertDropoutProjection(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor, grad_logits: torch.Tensor):
         x, weight, router, *saved = ctx.saved_tensors
         (experts, rank, features), tokens = weight.shape, x.shape[0]
-        dropped = _DroppedEntries(*saved, (experts, tokens, features))
+        dropped = _DroppedEntries(*saved, (experts, tokens, features)).widened()
         grad_x = grad_weight = grad_router = None
         with torch.autocast(x.device.type, enabled=False):
             grad = grad.to(ctx.dtype) * (1.0 / (1.0 - ctx.p))  # [T, E, r]
             grad_whole = torch.cat([grad.reshape(tokens, experts * rank), grad_logits.to(ctx.dtype)], dim=1)
-            grad_by_rank = grad.float().permute(2, 1, 0).reshape(rank, experts * tokens)  # columns e·T + t
+            # negated, so the terms of the dropped entries come out ready to add: no pass over them to negate
+            neg_grad_by_rank = grad.float().permute(2, 1, 0).neg().reshape(rank, experts * tokens)  # cols e·T + t
             if ctx.needs_input_grad[0]:
                 whole = (grad_whole @ _projection_rows(weight, router, ctx.dtype)).float()  # [T, d_in]
                 # the whole gradient's terms at the dropped entries: one sampled product, in the matrix's order
                 pattern = dropped.matrix()
-                lost = _dropped_dot_products(pattern, grad_by_rank.T, _stacked(weight).T)
-                # a negated source, not alpha=-1: index_add_ with an alpha takes a slow path on a CPU
-                grad_x = whole.view(-1).index_add_(0, dropped.x_index, lost.neg()).view_as(x).to(x.dtype)
+                neg_lost = _dropped_dot_products(pattern, neg_grad_by_rank.T, _stacked(weight).T)
+                # a negated source, not alpha=-1 (a slow path on a CPU); scatter_add_ is 1.3x index_add_'s speed
+                grad_x = whole.view(-1).scatter_add_(0, dropped.x_index, neg_lost).view_as(x).to(x.dtype)
             if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
                 whole = (grad_whole.T @ x.to(ctx.dtype)).float()  # [E·r + m, d_in]
                 grad_router = whole[experts * rank :].to(router.dtype)
                 by_rank = whole[: experts * rank].view(experts, rank, features).transpose(0, 1)
                 by_rank = by_rank.reshape(rank, experts * features)
-                lost = grad_by_rank.index_select(1, dropped.row) * dropped.values.neg()  # [r, K]
+                neg_lost = neg_grad_by_rank.index_select(1, dropped.row).mul_(dropped.values)  # [r, K]
                 # along dim 1 of [r, E·d_in]: 2-3x faster on a CPU than rows of [E·d_in, r]
-                by_rank.index_add_(1, dropped.column, lost)
+                by_rank.index_add_(1, dropped.column, neg_lost)
                 grad_weight = by_rank.view(rank, experts, features).transpose(0, 1).to(weight.dtype)
         return grad_x, grad_weight, grad_router, None
 
