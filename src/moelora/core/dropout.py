@@ -168,8 +168,7 @@ class _DroppedEntries:
         feature = positions.add_(row, alpha=-features)  # k
         x_index = row.add_(expert, alpha=-tokens).mul_(features).add_(feature).to(index)  # t·d_in + k
         column = expert.mul_(features).add_(feature).to(index)  # e·d_in + k
-        row_starts = torch.zeros(experts * tokens + 1, dtype=index, device=x.device)
-        torch.cumsum(torch.bincount(row_index, minlength=experts * tokens), 0, dtype=index, out=row_starts[1:])
+        row_starts = row_starts_of(row_index, experts * tokens)
         values = x.float().reshape(-1).index_select(0, x_index)
         return cls(row_index, column, x_index, row_starts, values, (experts, tokens, features))
 
@@ -183,15 +182,22 @@ class _DroppedEntries:
 
     def matrix(self) -> torch.Tensor:
         experts, tokens, features = self.shape
-        with warnings.catch_warnings():  # "sparse CSR support is in beta": nothing a user can act on
-            warnings.simplefilter("ignore", UserWarning)
-            return torch.sparse_csr_tensor(
-                self.row_starts,
-                self.column,
-                self.values,
-                (experts * tokens, experts * features),
-                check_invariants=False,
-            )
+        return csr_matrix(self.row_starts, self.column, self.values, (experts * tokens, experts * features))
+
+
+def csr_matrix(row_starts: torch.Tensor, column: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]):
+    """A sparse CSR matrix from indices its callers build valid (so unchecked), without torch's beta warning
+    ("sparse CSR support is in beta": nothing a user can act on)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(row_starts, column, values, shape, check_invariants=False)
+
+
+def row_starts_of(row: torch.Tensor, rows: int) -> torch.Tensor:
+    """The CSR row pointers (rows + 1, `row`'s dtype) of the sorted row indices `row` of a matrix of `rows` rows."""
+    row_starts = torch.zeros(rows + 1, dtype=row.dtype, device=row.device)
+    torch.cumsum(torch.bincount(row, minlength=rows), 0, dtype=row.dtype, out=row_starts[1:])
+    return row_starts
 
 
 def _projection_rows(weight: torch.Tensor, router: torch.Tensor, dtype: torch.dtype, width: int = 0) -> torch.Tensor:
@@ -221,7 +227,7 @@ def _padded_width(width: int) -> int:
 _SAMPLED_MIN_RANK = 8
 
 
-def _dropped_dot_products(pattern: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+def dot_products_at(pattern: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     """left[row] · right[:, column] at every entry of the CSR `pattern`, in its order ([rows, r], [r, columns])."""
     rank = left.shape[1]
     if 1 < rank < _SAMPLED_MIN_RANK:
@@ -267,7 +273,7 @@ class _SparseExpertDropoutProjection(torch.autograd.Function):
                 whole = (grad_whole @ _projection_rows(weight, router, ctx.dtype)).float()  # [T, d_in]
                 # the whole gradient's terms at the dropped entries: one sampled product, in the matrix's order
                 pattern = dropped.matrix()
-                neg_lost = _dropped_dot_products(pattern, neg_grad_by_rank.T, _stacked(weight).T)
+                neg_lost = dot_products_at(pattern, neg_grad_by_rank.T, _stacked(weight).T)
                 # a negated source, not alpha=-1 (a slow path on a CPU); scatter_add_ is 1.3x index_add_'s speed
                 grad_x = whole.view(-1).scatter_add_(0, dropped.x_index, neg_lost).view_as(x).to(x.dtype)
             if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:

@@ -55,7 +55,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.config import MoeLoraConfig, check_positive
-from ..core.dropout import draw_dropped_positions, routed_expert_dropout_projection, sparse_dropout_on
+from ..core.dropout import (
+    csr_matrix,
+    dot_products_at,
+    draw_dropped_positions,
+    routed_expert_dropout_projection,
+    row_starts_of,
+    sparse_dropout_on,
+)
 from ..core.layer import MoeLoraLayer
 from ..core.losses import pairwise_abs_cosine
 from ..core.routing import expert_softmax, top_k_renormalized
@@ -165,40 +172,55 @@ class CoMoLConfig(MoeLoraConfig):
 
 class _DroppedCoreTerms(torch.autograd.Function):
     """D[t, b] = Σ over the dropped entries (a, b) of token t of h[t, a] C(x)[t, a, b], C(x)[t] = Σ_i g[t, i] C_i,
-    from the entries' flat positions t·r² + a·r + b. The merged cores are formed ([T, r²], one GEMM with E inner
-    products, freed at once) only to be read at the dropped entries; backward forms them again, and puts the
-    gradient at the dropped entries into a dense [T, r²] whose two GEMMs give the gates' and the cores' gradients.
-    Gathering [K, E] rows of g and of the cores instead took 2x as long (row-wise index_select and index_add)."""
+    from the entries' flat positions t·r² + a·r + b. The merged cores are never formed: C(x) at the dropped
+    entries is one sampled product of g and the cores over the entries' CSR pattern in [T, r²] (K·E products, not
+    T·E·r²); backward takes the gates' gradient from that pattern's sparse product with the cores, and the cores'
+    gradient from g's columns gathered at the entries. Forming C(x) ([T, r²]: 961 values a token at r 31, in
+    forward and again in backward, with a dense [T, r²] gradient) cost as much as the rest of the layer."""
 
     @staticmethod
     def forward(ctx, g: torch.Tensor, h: torch.Tensor, flat_cores: torch.Tensor, positions: torch.Tensor):
-        positions, h_at, z_at = _core_entries(positions, h.shape[1])
-        merged = (g @ flat_cores).view(-1).index_select(0, positions)  # C(x) at the dropped entries, [K]
-        lost = h.reshape(-1).index_select(0, h_at) * merged
-        ctx.save_for_backward(g, h, flat_cores, positions, h_at.int(), z_at.int())
-        return torch.zeros(h.numel(), dtype=h.dtype, device=h.device).index_add_(0, z_at, lost).view_as(h)
+        tokens, rank = h.shape
+        row, column, row_starts = _core_pattern(positions, tokens, rank)
+        h_at, z_at = _core_entries(row, column, rank)
+        h_values = h.reshape(-1).index_select(0, h_at)
+        merged = dot_products_at(csr_matrix(row_starts, column, h_values, (tokens, rank**2)), g, flat_cores)
+        ctx.save_for_backward(g, h, flat_cores, row, column, row_starts)
+        return torch.zeros(h.numel(), dtype=h.dtype, device=h.device).scatter_add_(0, z_at, h_values.mul_(merged))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        g, h, flat_cores, positions, h_at, z_at = ctx.saved_tensors
-        h_at, z_at = h_at.long(), z_at.long()
-        merged = (g @ flat_cores).view(-1).index_select(0, positions)
+        g, h, flat_cores, row, column, row_starts = ctx.saved_tensors
+        tokens, rank = h.shape
+        h_at, z_at = _core_entries(row, column, rank)
+        h_values = h.reshape(-1).index_select(0, h_at)
+        merged = dot_products_at(csr_matrix(row_starts, column, h_values, (tokens, rank**2)), g, flat_cores)
         grad_lost = grad.reshape(-1).index_select(0, z_at)  # [K]
-        grad_h = torch.zeros(h.numel(), dtype=h.dtype, device=h.device).index_add_(0, h_at, grad_lost * merged)
-        grad_merged = torch.zeros(g.shape[0], flat_cores.shape[1], dtype=g.dtype, device=g.device)  # [T, r²]
-        grad_merged.view(-1).index_copy_(0, positions, grad_lost * h.reshape(-1).index_select(0, h_at))
-        # [E, r²] @ [r², T] rather than [T, r²] @ [r², E]: a GEMM with an E-wide output is 2x slower in MKL
-        grad_g = (flat_cores @ grad_merged.T).T
-        return grad_g, grad_h.view_as(h), g.T @ grad_merged, None
+        grad_h = torch.zeros(h.numel(), dtype=h.dtype, device=h.device).scatter_add_(0, h_at, grad_lost * merged)
+        grad_merged = grad_lost.mul_(h_values)  # the gradient of C(x) at the dropped entries
+        grad_g = csr_matrix(row_starts, column, grad_merged, (tokens, rank**2)) @ flat_cores.T.contiguous()
+        # along dim 1 of [E, r²] (as core/dropout.py's expert gradients): faster on a CPU than rows of [r², E]
+        gathered = g.T.contiguous().index_select(1, row).mul_(grad_merged)  # [E, K]
+        grad_cores = torch.zeros_like(flat_cores).index_add_(1, column.long(), gathered)
+        return grad_g, grad_h.view_as(h), grad_cores, None
 
 
-def _core_entries(positions: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For flat float64 positions t·r² + a·r + b (as core/dropout.py draws them): the positions, h's entry t·r + a
-    and z's entry t·r + b = t·r + (position - h's entry·r), all int64. The arithmetic runs in float64 as there:
-    exact for integers below 2^53, and 5x faster than int64 division on a CPU."""
-    h_at = torch.div(positions, rank).floor_()
-    z_at = torch.div(h_at, rank).floor_().sub_(h_at).mul_(rank).add_(positions)
-    return positions.long(), h_at.long(), z_at.long()
+def _core_pattern(positions: torch.Tensor, tokens: int, rank: int) -> tuple[torch.Tensor, ...]:
+    """For flat float64 positions t·r² + a·r + b (as core/dropout.py draws them): their CSR pattern
+    in [T, r²], int32 rows t, columns a·r + b and row pointers. Float64 arithmetic as there: exact for integers
+    below 2^53, and 5x faster than int64 division on a CPU."""
+    row = torch.div(positions, rank * rank).floor_()
+    column = torch.add(positions, row, alpha=-(rank * rank)).int()
+    row = row.int()
+    return row, column, row_starts_of(row, tokens)
+
+
+def _core_entries(row: torch.Tensor, column: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """h's entry t·r + a and z's entry t·r + b (int64) of the core entries at row t, column a·r + b."""
+    a = torch.div(column, rank).floor_()  # float32 true division: exact floors below 2^24
+    b = column.double().add_(a, alpha=-rank)
+    token_start = row.double().mul_(rank)
+    return a.double().add_(token_start).long(), b.add_(token_start).long()
 
 
 def core_product_with_dropout(g: torch.Tensor, h: torch.Tensor, cores: torch.Tensor, p: float) -> torch.Tensor:
@@ -217,7 +239,8 @@ def core_product_with_dropout(g: torch.Tensor, h: torch.Tensor, cores: torch.Ten
         return torch.bmm(h.unsqueeze(1), F.dropout(merged, p, training=True)).squeeze(1)
     whole = (g.unsqueeze(-1) * h.unsqueeze(1)).reshape(tokens, experts * rank) @ cores.reshape(experts * rank, rank)
     positions = draw_dropped_positions((tokens, rank, rank), p, h.device)  # t·r² + a·r + b
-    return (whole - _DroppedCoreTerms.apply(g, h, flat_cores, positions)) * (1.0 / (1.0 - p))
+    lost = _DroppedCoreTerms.apply(g, h, flat_cores, positions).view_as(whole)
+    return (whole - lost) * (1.0 / (1.0 - p))
 
 
 class CoMoLLinear(MoeLoraLayer):
