@@ -40,17 +40,19 @@ def keep_mask_of(positions, shape):
     return keep.view(shape)
 
 
+@pytest.mark.parametrize("experts", [1, 3])  # the sparse form's backward for one mask zeroes instead of correcting
 @pytest.mark.parametrize("rank", [1, 4, 9])  # the sparse backward pads ranks 2-7 for sampled_addmm
 @pytest.mark.parametrize("form", FORMS)
-def test_same_values_and_gradients_as_the_plain_form_on_the_masks_drawn(form, rank, monkeypatch):
-    x, weight = torch.randn(40, 16), torch.randn(3, rank, 16)
-    upstream = torch.randn(40, 3, rank)
+def test_same_values_and_gradients_as_the_plain_form_on_the_masks_drawn(form, rank, experts, monkeypatch):
+    x, weight = torch.randn(40, 16), torch.randn(experts, rank, 16)
+    upstream = torch.randn(40, experts, rank)
     masks = recording_keep_masks(monkeypatch)
     fx, fw = leaves(x, weight)
     fused = expert_dropout_projection(fx, fw, 0.3, form=form)
     fused.backward(upstream)
     keep = masks[0]
-    assert torch.equal(keep, masks[-1]) and 0.5 < keep.mean() < 0.9 and not torch.equal(keep[0], keep[1])
+    assert torch.equal(keep, masks[-1]) and 0.5 < keep.mean() < 0.9
+    assert experts == 1 or not torch.equal(keep[0], keep[1])
 
     px, pw = leaves(x, weight)
     plain = plain_form(px, pw, keep, 0.3)
@@ -60,13 +62,15 @@ def test_same_values_and_gradients_as_the_plain_form_on_the_masks_drawn(form, ra
     torch.testing.assert_close(fw.grad, pw.grad)
 
 
+@pytest.mark.parametrize("experts", [1, 3])
 @pytest.mark.parametrize("autocast", [False, True])
 @pytest.mark.parametrize("form", FORMS)
-def test_a_router_on_the_undropped_x_shares_the_pass_over_x(form, autocast, monkeypatch):
+def test_a_router_on_the_undropped_x_shares_the_pass_over_x(form, autocast, experts, monkeypatch):
     """routed_expert_dropout_projection: the projections as without a router, the router's logits x Gᵀ in fp32
-    (autocast or not), and the gradients of x, the experts and the router all as the plain form's."""
-    x, weight, router = torch.randn(40, 16), torch.randn(3, 4, 16), torch.randn(5, 16)
-    upstream, upstream_logits = torch.randn(40, 3, 4), torch.randn(40, 5)
+    (autocast or not), and the gradients of x, the experts and the router all as the plain form's (one mask:
+    the router's part of x's gradient is not zeroed where the experts' is)."""
+    x, weight, router = torch.randn(40, 16), torch.randn(experts, 4, 16), torch.randn(5, 16)
+    upstream, upstream_logits = torch.randn(40, experts, 4), torch.randn(40, 5)
     masks = recording_keep_masks(monkeypatch)
     fx, fw, fr = leaves(x, weight, router)
     with torch.autocast(AUTOCAST_DEVICE, dtype=torch.bfloat16, enabled=autocast):
@@ -102,28 +106,32 @@ def test_draws_once_per_forward_and_the_backward_leaves_the_random_stream_alone(
     assert torch.equal(torch.get_rng_state(), after_forward)  # one draw, what the forward took
 
 
+@pytest.mark.parametrize("experts", [1, 3])
 @pytest.mark.parametrize("form", FORMS)
-def test_saves_no_dropped_copy_of_x(form):
-    x, weight = leaves(torch.randn(64, 32), torch.randn(3, 4, 32))
+def test_saves_no_dropped_copy_of_x(form, experts):
+    x, weight = leaves(torch.randn(64, 32), torch.randn(experts, 4, 32))
     saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         expert_dropout_projection(x, weight, 0.1, form=form)
-    assert (3, 64, 32) not in saved
-    extra = sorted((shape for shape in saved if 0 not in shape), key=str)  # leaves out the sparse form's empty router
+    assert (experts, 64, 32) not in [t.shape for t in saved]
+    extra = sorted((t.shape for t in saved if 0 not in t.shape), key=str)  # leaves out the empty router
     for shape in (x.shape, weight.shape):
         extra.remove(shape)
-    # the sparse form keeps three indices and x's value per dropped entry (~10 %) and the rows' starts, the
-    # dense form only the RNG state
+    # the sparse form keeps three int32 indices and x's value per dropped entry (~10 %) and the rows' starts, or
+    # with one mask only the entries' int32 places in x; the dense form only the RNG state
     if form == "dense":
         assert extra == []
+    elif experts == 1:
+        assert len(extra) == 1 and len(extra[0]) == 1 and 0 < extra[0][0] < 64 * 32 / 5
+        assert {t.dtype for t in saved if t.shape == extra[0]} == {torch.int32}
     else:
         per_entry = [shape for shape in extra if shape != (3 * 64 + 1,)]
         assert len(extra) == 5 and len(per_entry) == 4 and len(set(per_entry)) == 1
         assert len(per_entry[0]) == 1 and per_entry[0][0] < 3 * 64 * 32 / 5
     plain_saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: plain_saved.append(t.shape) or t, lambda t: t):
-        plain_form(x, weight, draw_keep_masks((3, 64, 32), 0.1, x), 0.1)
-    assert (3, 64, 32) in plain_saved  # what the function avoids
+        plain_form(x, weight, draw_keep_masks((experts, 64, 32), 0.1, x), 0.1)
+    assert (experts, 64, 32) in plain_saved  # what the function avoids
 
 
 @pytest.mark.parametrize("form", FORMS)
@@ -142,9 +150,10 @@ def test_gradient_checkpointing_recomputes_the_same_masks(form):
     torch.testing.assert_close(grads[0], grads[1])
 
 
+@pytest.mark.parametrize("experts", [1, 3])
 @pytest.mark.parametrize("form", FORMS)
-def test_autocast_runs_the_gemms_in_bf16_and_keeps_parameter_gradients_fp32(form):
-    x, weight = leaves(torch.randn(6, 16), torch.randn(3, 4, 16))
+def test_autocast_runs_the_gemms_in_bf16_and_keeps_parameter_gradients_fp32(form, experts):
+    x, weight = leaves(torch.randn(6, 16), torch.randn(experts, 4, 16))
     torch.manual_seed(1)
     with torch.autocast(AUTOCAST_DEVICE, dtype=torch.bfloat16):
         out = expert_dropout_projection(x, weight, 0.2, form=form)
