@@ -206,12 +206,13 @@ class _DroppedCoreTerms(torch.autograd.Function):
 
 
 def _core_pattern(positions: torch.Tensor, tokens: int, rank: int) -> tuple[torch.Tensor, ...]:
-    """For flat float64 positions t·r² + a·r + b (as core/dropout.py draws them): their CSR pattern
-    in [T, r²], int32 rows t, columns a·r + b and row pointers. Float64 arithmetic as there: exact for integers
-    below 2^53, and 5x faster than int64 division on a CPU."""
+    """For flat float64 positions t·r² + a·r + b (as core/dropout.py draws them): their CSR pattern in [T, r²],
+    rows t, columns a·r + b and row pointers, int32 (int64 from 2^31 entries). Float64 arithmetic as there: exact
+    for integers below 2^53, and 5x faster than int64 division on a CPU."""
+    index = torch.int32 if tokens * rank * rank < 2**31 else torch.int64
     row = torch.div(positions, rank * rank).floor_()
-    column = torch.add(positions, row, alpha=-(rank * rank)).int()
-    row = row.int()
+    column = torch.add(positions, row, alpha=-(rank * rank)).to(index)
+    row = row.to(index)
     return row, column, row_starts_of(row, tokens)
 
 
