@@ -180,21 +180,16 @@ class _DroppedCoreTerms(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, g: torch.Tensor, h: torch.Tensor, flat_cores: torch.Tensor, positions: torch.Tensor):
-        tokens, rank = h.shape
-        row, column, row_starts = _core_pattern(positions, tokens, rank)
-        h_at, z_at = _core_entries(row, column, rank)
-        h_values = h.reshape(-1).index_select(0, h_at)
-        merged = dot_products_at(csr_matrix(row_starts, column, h_values, (tokens, rank**2)), g, flat_cores)
-        ctx.save_for_backward(g, h, flat_cores, row, column, row_starts)
+        pattern = _core_pattern(positions, *h.shape)
+        _, z_at, h_values, merged = _terms_at(g, h, flat_cores, *pattern)
+        ctx.save_for_backward(g, h, flat_cores, *pattern)
         return torch.zeros(h.numel(), dtype=h.dtype, device=h.device).scatter_add_(0, z_at, h_values.mul_(merged))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         g, h, flat_cores, row, column, row_starts = ctx.saved_tensors
         tokens, rank = h.shape
-        h_at, z_at = _core_entries(row, column, rank)
-        h_values = h.reshape(-1).index_select(0, h_at)
-        merged = dot_products_at(csr_matrix(row_starts, column, h_values, (tokens, rank**2)), g, flat_cores)
+        h_at, z_at, h_values, merged = _terms_at(g, h, flat_cores, row, column, row_starts)
         grad_lost = grad.reshape(-1).index_select(0, z_at)  # [K]
         grad_h = torch.zeros(h.numel(), dtype=h.dtype, device=h.device).scatter_add_(0, h_at, grad_lost * merged)
         grad_merged = grad_lost.mul_(h_values)  # the gradient of C(x) at the dropped entries
@@ -222,6 +217,16 @@ def _core_entries(row: torch.Tensor, column: torch.Tensor, rank: int) -> tuple[t
     b = column.double().add_(a, alpha=-rank)
     token_start = row.double().mul_(rank)
     return a.double().add_(token_start).long(), b.add_(token_start).long()
+
+
+def _terms_at(g, h, flat_cores, row, column, row_starts) -> tuple[torch.Tensor, ...]:
+    """At the dropped core entries of the pattern (row t, column a·r + b): h's and z's entries (int64), h[t, a]
+    and C(x)[t, a, b] by one sampled product of the gates and the cores."""
+    tokens, rank = h.shape
+    h_at, z_at = _core_entries(row, column, rank)
+    h_values = h.reshape(-1).index_select(0, h_at)
+    merged = dot_products_at(csr_matrix(row_starts, column, h_values, (tokens, rank**2)), g, flat_cores)
+    return h_at, z_at, h_values, merged
 
 
 def core_product_with_dropout(g: torch.Tensor, h: torch.Tensor, cores: torch.Tensor, p: float) -> torch.Tensor:
